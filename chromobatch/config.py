@@ -1,0 +1,114 @@
+"""Effective settings: defaults < chromobatch.toml < CHROMOBATCH_* environment variables < CLI flags.
+
+The file is `./chromobatch.toml`, or the path in CHROMOBATCH_CONFIG. Keys are the field names below,
+either at the top level or under a `[chromobatch]` table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "CHROMOBATCH_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    db: str = "cases.sqlite"
+    #: Model folder to use; empty means the database's active model, else the shipped default.
+    model: str = ""
+    reports_dir: str = "reports"
+    processed_dir: str = "processed"
+    failed_dir: str = "failed"
+    #: auto | dark_on_light (G-band) | bright_on_dark (Q-band)
+    polarity: str = "auto"
+    device: str = "auto"
+    batch_size: int = 64
+    loader_workers: int = 0
+    workers: int = 1
+    poll_seconds: float = 0.0
+    quiet_seconds: float = 5.0
+    heartbeat_seconds: float = 10.0
+    stale_after_seconds: float = 60.0
+    max_attempts: int = 3
+    low_confidence: float = 0.5
+    max_image_pixels: int = 4096 * 4096
+    log_level: str = "INFO"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if kind in ("int", int):
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if kind in ("float", float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name} must be {kind}, got {value!r}") from None
+
+
+def _validate(s: Settings) -> Settings:
+    if s.polarity not in ("auto", "dark_on_light", "bright_on_dark"):
+        raise ConfigError(f"polarity must be auto, dark_on_light or bright_on_dark, got {s.polarity!r}")
+    if s.device not in ("auto", "cpu", "cuda") and not s.device.startswith("cuda:"):
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {s.device!r}")
+    for name in ("batch_size", "workers", "max_attempts"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(s, name)}")
+    if not 0.0 <= s.low_confidence <= 1.0:
+        raise ConfigError(f"low_confidence must be within 0..1, got {s.low_confidence}")
+    return s
+
+
+def config_path(explicit: str | Path | None = None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(ENV_PREFIX + "CONFIG")
+    if env:
+        return Path(env)
+    local = Path("chromobatch.toml")
+    return local if local.is_file() else None
+
+
+def load_settings(overrides: dict[str, Any] | None = None, config_file: str | Path | None = None) -> Settings:
+    """Merge the three layers; None values in `overrides` (flags not given) are ignored."""
+    values: dict[str, Any] = {}
+    path = config_path(config_file)
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        data = data.get("chromobatch", data)
+        for key, value in data.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"{path}: unknown setting {key!r}")
+            values[key] = _coerce(key, value, str(path))
+    for name in _FIELDS:
+        env = os.environ.get(ENV_PREFIX + name.upper())
+        if env is not None and env != "":
+            values[name] = _coerce(name, env, ENV_PREFIX + name.upper())
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _coerce(key, value, f"--{key.replace('_', '-')}")
+    return _validate(Settings(**values))

@@ -1,0 +1,67 @@
+"""One exception tree for chromobatch.
+
+Library code raises these; the CLI turns any ChromobatchError into one red line, a hint and exit code 1.
+Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ChromobatchError(Exception):
+    """Base of every error a user can act on."""
+
+    hint: str = ""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class ConfigError(ChromobatchError):
+    hint = "Check chromobatch.toml, CHROMOBATCH_* variables and flags (`chromobatch config show`)."
+
+
+class DatabaseError(ChromobatchError):
+    hint = "Check --db (a SQLite path or a postgresql+psycopg:// URL) and run `chromobatch db upgrade`."
+
+
+class InputError(ChromobatchError):
+    """A case folder or file that cannot be used."""
+
+    hint = "Fix or remove the named file and process the case again."
+
+
+class InvalidCaseId(InputError):
+    hint = "Rename the case folder to letters, digits, '-', '_' and '.' only."
+
+
+class RejectedFile(InputError):
+    """One file of a case could not be used; the rest of the case goes on."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class EmptyCase(InputError):
+    hint = "The case folder holds no usable chromosome image; see the rejected files listed above."
+
+
+class CaseNotFound(ChromobatchError):
+    hint = "List known cases with `chromobatch status`."
+
+
+class ModelError(ChromobatchError):
+    hint = "Pass --model with a model folder (model.safetensors + model.json) or promote one with `chromobatch models`."
+
+
+class DataError(ChromobatchError):
+    """Training or evaluation data that cannot be used."""
+
+    hint = "Check --data (a folder of class sub-folders or a manifest CSV path,label[,patient,cell,split])."
+
+
+class JobError(ChromobatchError):
+    hint = "See `chromobatch status` for the job's error."

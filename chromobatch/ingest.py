@@ -1,0 +1,408 @@
+"""Turn a lab's case folder into validated chromosome records.
+
+A case folder holds image files (`CASE/<cell>/*.png|tif|bmp|jpg`, or flat `CASE/*` for one cell) or
+DICOM instances (each one chromosome crop; the cell is its SeriesInstanceUID), and optionally a
+`labels.csv` (file,label). A bad file never stops the case: it is recorded with its reason and the rest
+goes on. Ingest is idempotent: a file whose content is already stored for the case is skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import normalise_label
+from .db import Case, Cell, Chromosome, Database, Label, RejectedFile, utcnow
+from .errors import EmptyCase, InputError, InvalidCaseId
+from .imaging import MAX_PIXELS, ImageRejected, decode_grey, encode_png, normalise, rescale_to_uint8
+
+log = logging.getLogger(__name__)
+
+CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg"}
+#: Files a case folder may carry besides chromosomes; never treated as images.
+SIDECAR_NAMES = {"labels.csv", "truth.json", "ready", "ready.txt"}
+SIDECAR_SUFFIXES = {".csv", ".json", ".txt", ".md", ".xml", ".log", ".pdf", ".html"}
+FLAT_CELL = "root"
+#: DICOM tags kept as case metadata (what a report and a PACS need; nothing else is stored).
+DICOM_CASE_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                   "StudyDate", "StudyTime", "StudyID", "StudyInstanceUID", "StudyDescription",
+                   "InstitutionName", "ReferringPhysicianName")
+
+
+def validate_case_id(name: str) -> str:
+    if not CASE_ID_RE.match(name) or ".." in name:
+        raise InvalidCaseId(f"invalid case ID {name!r}: use letters, digits, '-', '_' and '.' (max 128)")
+    return name
+
+
+@dataclass
+class Accepted:
+    """One usable chromosome, decoded and normalised, not yet stored."""
+
+    file: str
+    cell: str
+    sha256: str
+    crop: np.ndarray
+    polarity: str
+    cell_order: tuple[Any, ...] = ()
+
+
+@dataclass
+class ScannedCase:
+    """Everything read from a case folder; no database involved, so it can run in a worker."""
+
+    case_id: str
+    path: Path
+    input_format: str = "images"
+    accepted: list[Accepted] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    label_problems: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class IngestResult:
+    case_id: str
+    case_pk: int
+    created: bool
+    added: int
+    already_stored: int
+    rejected: dict[str, str]
+    cells: int
+    labels_imported: int
+    input_format: str
+    label_problems: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _bad_name(name: str) -> str | None:
+    if "\\" in name or "/" in name:
+        return "file name contains a path separator"
+    if ".." in name:
+        return "file name contains '..'"
+    if any(ord(ch) < 32 for ch in name):
+        return "file name contains control characters"
+    return None
+
+
+def _is_sidecar(name: str) -> bool:
+    lower = name.lower()
+    return lower in SIDECAR_NAMES or Path(lower).suffix in SIDECAR_SUFFIXES
+
+
+def _looks_dicom(raw: bytes, name: str) -> bool:
+    return raw[128:132] == b"DICM" or name.lower().endswith(".dcm")
+
+
+def read_dicom(raw: bytes, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict[str, Any], str, tuple]:
+    """One DICOM instance -> (greyscale uint8 array, case tags, cell UID, cell sort key)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(raw), force=raw[128:132] != b"DICM")
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ImageRejected(f"unreadable DICOM: {exc}") from exc
+    if "PixelData" not in ds:
+        raise ImageRejected("DICOM instance has no pixel data")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ImageRejected(f"unreadable DICOM image header: {exc}") from exc
+    if rows * cols > max_pixels:
+        raise ImageRejected(f"image too large ({cols}x{rows} pixels; limit {max_pixels} pixels)")
+    if frames != 1:
+        raise ImageRejected(f"multi-frame DICOM ({frames} frames); expected one chromosome crop per instance")
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # pydicom raises RuntimeError/NotImplementedError/ValueError by handler
+        if ts is not None and ts.is_compressed and not _decoder_available(ts):
+            raise ImageRejected(
+                f"compressed transfer syntax {ts.name} ({ts}) cannot be decoded: no decoder installed "
+                "(install pylibjpeg with pylibjpeg-libjpeg/-openjpeg, or python-gdcm)") from exc
+        raise ImageRejected(f"DICOM pixel data cannot be decoded (corrupt?): {exc}") from exc
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3].astype(np.float64)
+        arr = rgb @ np.array([0.299, 0.587, 0.114])
+    elif arr.ndim != 2:
+        raise ImageRejected(f"unexpected DICOM pixel array shape {arr.shape}")
+    bits = int(getattr(ds, "BitsStored", 8) or 8)
+    if arr.dtype == np.uint8 and photometric != "MONOCHROME1":
+        grey = arr
+    elif bits <= 8 and arr.min() >= 0 and arr.max() <= 255:
+        grey = arr.astype(np.uint8)
+    else:
+        grey = rescale_to_uint8(arr)
+    if photometric == "MONOCHROME1":
+        grey = (255 - grey).astype(np.uint8)
+    tags = {}
+    for tag in DICOM_CASE_TAGS:
+        value = getattr(ds, tag, None)
+        if value not in (None, ""):
+            tags[tag] = str(value)
+    series = str(getattr(ds, "SeriesInstanceUID", "") or "") or "series-unknown"
+    order = (int(getattr(ds, "SeriesNumber", 0) or 0), series)
+    return grey, tags, series, order
+
+
+def _decoder_available(ts: Any) -> bool:
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(ts).is_available)
+    except (ImportError, NotImplementedError, ValueError):
+        return False
+
+
+def _read_labels(case_dir: Path, scanned: ScannedCase) -> None:
+    path = case_dir / "labels.csv"
+    if not path.is_file() or path.is_symlink():
+        return
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        scanned.label_problems.append(f"labels.csv: unreadable ({exc})")
+        return
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or not {"file", "label"} <= {f.strip() for f in reader.fieldnames}:
+        scanned.label_problems.append("labels.csv: header must be 'file,label'")
+        return
+    for lineno, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        name = row.get("file", "").replace("\\", "/")
+        if not name or name.startswith("/") or ".." in name.split("/"):
+            scanned.label_problems.append(f"labels.csv line {lineno}: bad file name {name!r}")
+            continue
+        try:
+            scanned.labels[name] = normalise_label(row.get("label", ""))
+        except ValueError as exc:
+            scanned.label_problems.append(f"labels.csv line {lineno}: {exc}")
+
+
+def scan_case(case_dir: Path, *, polarity: str = "auto", max_pixels: int = MAX_PIXELS) -> ScannedCase:
+    """Read and validate every file of a case folder; never raises for a bad file."""
+    case_dir = Path(case_dir)
+    if not case_dir.is_dir():
+        raise InputError(f"{case_dir}: not a folder", hint="Pass the path of a case folder.")
+    scanned = ScannedCase(case_id=validate_case_id(case_dir.name), path=case_dir.resolve())
+    root = scanned.path
+    seen: dict[str, str] = {}
+    kinds: Counter[str] = Counter()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        for d in list(dirnames):
+            if (here / d).is_symlink():
+                dirnames.remove(d)
+                target = (here / d).resolve()
+                if not target.is_relative_to(root):
+                    scanned.rejected[(here / d).relative_to(root).as_posix()] = \
+                        "symlinked folder points outside the case folder"
+        for name in sorted(filenames):
+            full = here / name
+            rel = full.relative_to(root).as_posix()
+            if name.startswith(".") or _is_sidecar(name):
+                continue
+            reason = _bad_name(name)
+            if reason is None and full.is_symlink():
+                target = full.resolve()
+                if not target.is_relative_to(root):
+                    reason = "symlink points outside the case folder"
+                elif not target.is_file():
+                    reason = "symlink does not point to a file"
+            if reason is None:
+                reason = _read_one(full, rel, root, here, scanned, seen, kinds, polarity, max_pixels)
+            if reason is not None:
+                scanned.rejected[rel] = reason
+    if kinds["dicom"] and kinds["image"]:
+        scanned.input_format = "mixed"
+    elif kinds["dicom"]:
+        scanned.input_format = "dicom"
+    polarities = Counter(a.polarity for a in scanned.accepted)
+    if polarities:
+        scanned.meta["polarity"] = polarities.most_common(1)[0][0]
+    _read_labels(root, scanned)
+    return scanned
+
+
+def _read_one(full: Path, rel: str, root: Path, here: Path, scanned: ScannedCase, seen: dict[str, str],
+              kinds: Counter[str], polarity: str, max_pixels: int) -> str | None:
+    """Decode one file into scanned.accepted; return a rejection reason instead of raising."""
+    try:
+        raw = full.read_bytes()
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror or exc}"
+    if not raw:
+        return "empty file (0 bytes)"
+    sha = hashlib.sha256(raw).hexdigest()
+    if sha in seen:
+        return f"duplicate of {seen[sha]} (same content)"
+    try:
+        if _looks_dicom(raw, full.name):
+            grey, tags, cell, order = read_dicom(raw, max_pixels=max_pixels)
+            mismatch = _merge_case_tags(scanned.meta, tags)
+            if mismatch:
+                return mismatch
+            kinds["dicom"] += 1
+        else:
+            if full.suffix.lower() not in IMAGE_SUFFIXES and full.suffix:
+                return f"unsupported file type {full.suffix!r} (expected PNG, TIFF, BMP, JPEG or DICOM)"
+            grey = decode_grey(raw, max_pixels=max_pixels)
+            cell = FLAT_CELL if here == root else here.relative_to(root).parts[0]
+            order = (0, cell)
+            kinds["image"] += 1
+        crop, pol = normalise(grey, polarity)
+    except ImageRejected as exc:
+        return str(exc)
+    seen[sha] = rel
+    scanned.accepted.append(Accepted(file=rel, cell=cell, sha256=sha, crop=crop, polarity=pol,
+                                     cell_order=order))
+    return None
+
+
+def _merge_case_tags(meta: dict[str, Any], tags: dict[str, Any]) -> str | None:
+    """All instances of a case must belong to one patient; a mismatch is a rejection, not a merge."""
+    dicom = meta.setdefault("dicom", {})
+    for key in ("PatientID", "StudyInstanceUID"):
+        if key in tags and key in dicom and tags[key] != dicom[key]:
+            return f"{key} differs from the rest of the case"
+    for key, value in tags.items():
+        dicom.setdefault(key, value)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Storing
+
+
+def content_hash(pairs: list[tuple[str, str]]) -> str:
+    h = hashlib.sha256()
+    for name, sha in sorted(pairs):
+        h.update(f"{name}\0{sha}\n".encode())
+    return h.hexdigest()
+
+
+def store_scanned(database: Database, scanned: ScannedCase, *, status: str = "ingested") -> IngestResult:
+    """Write a scanned case in one transaction; files already stored (same content) are skipped."""
+    with database.session() as s:
+        case = s.query(Case).filter_by(case_id=scanned.case_id).one_or_none()
+        created = case is None
+        if case is None:
+            case = Case(case_id=scanned.case_id, source_path=str(scanned.path), status="received",
+                        meta={}, received_at=utcnow())
+            s.add(case)
+            s.flush()
+        case.source_path = str(scanned.path)
+        case.input_format = scanned.input_format
+        meta = dict(case.meta or {})
+        meta.update(scanned.meta)
+        case.meta = meta
+        cells = {c.name: c for c in case.cells}
+        existing = {sha: (file, cell_id) for sha, file, cell_id in
+                    s.query(Chromosome.sha256, Chromosome.source_file, Chromosome.cell_id)
+                    .filter(Chromosome.case_pk == case.id)}
+        added = skipped = 0
+        by_file: dict[str, Chromosome] = {}
+        order = sorted({(a.cell_order, a.cell) for a in scanned.accepted})
+        for _, name in order:
+            if name not in cells:
+                cell = Cell(case_pk=case.id, name=name, index=len(cells))
+                s.add(cell)
+                cells[name] = cell
+        s.flush()
+        for a in scanned.accepted:
+            if a.sha256 in existing:
+                skipped += 1
+                continue
+            chrom = Chromosome(case_pk=case.id, cell_id=cells[a.cell].id, source_file=a.file,
+                               sha256=a.sha256, width=int(a.crop.shape[1]), height=int(a.crop.shape[0]),
+                               polarity=a.polarity, crop_png=encode_png(a.crop))
+            s.add(chrom)
+            by_file[a.file] = chrom
+            added += 1
+        s.flush()
+        old_rejects = {r.source_file: r for r in case.rejected}
+        accepted_files = {a.file for a in scanned.accepted}
+        for file, r in old_rejects.items():
+            if file in accepted_files:
+                s.delete(r)
+        for file, reason in scanned.rejected.items():
+            if file in old_rejects:
+                old_rejects[file].reason = reason
+            else:
+                s.add(RejectedFile(case_pk=case.id, source_file=file, reason=reason))
+        imported = _import_labels(s, case, scanned)
+        all_pairs = [(f, sha) for sha, (f, _) in existing.items()] + \
+                    [(a.file, a.sha256) for a in scanned.accepted if a.sha256 not in existing]
+        case.content_sha256 = content_hash(all_pairs)
+        if not all_pairs:
+            case.status = "failed"
+            case.error = "no valid chromosome image in the case"
+        elif case.status in ("received", "failed", "ingested"):
+            case.status = status
+            case.error = None
+        result = IngestResult(case_id=case.case_id, case_pk=case.id, created=created, added=added,
+                              already_stored=skipped, rejected=dict(scanned.rejected), cells=len(cells),
+                              labels_imported=imported, input_format=scanned.input_format,
+                              label_problems=list(scanned.label_problems))
+    log.info("case %s: %d chromosomes added, %d already stored, %d rejected, %d labels imported",
+             result.case_id, added, skipped, len(result.rejected), imported)
+    if not all_pairs:
+        reasons = "; ".join(f"{f}: {r}" for f, r in sorted(scanned.rejected.items())[:10])
+        raise EmptyCase(f"case {scanned.case_id} has no valid chromosome image"
+                        + (f" (rejected: {reasons})" if reasons else " (the folder is empty)"))
+    return result
+
+
+def _import_labels(s: Any, case: Case, scanned: ScannedCase) -> int:
+    if not scanned.labels:
+        return 0
+    chroms = {c.source_file: c for c in s.query(Chromosome).filter(Chromosome.case_pk == case.id)}
+    imported = 0
+    for file, label in scanned.labels.items():
+        chrom = chroms.get(file)
+        if chrom is None:
+            if file not in scanned.rejected:
+                scanned.label_problems.append(f"labels.csv: {file} is not a stored chromosome of the case")
+            continue
+        current = current_label(s, chrom.id)
+        if current is not None and current.label == label:
+            continue
+        s.add(Label(chromosome_id=chrom.id, label=label, source="imported", reviewer=None,
+                    supersedes_id=current.id if current else None))
+        imported += 1
+    return imported
+
+
+def current_label(s: Any, chromosome_id: int) -> Label | None:
+    """The newest label row of a chromosome (rows are never overwritten)."""
+    return (s.query(Label).filter(Label.chromosome_id == chromosome_id)
+            .order_by(Label.id.desc()).first())
+
+
+def ingest_case(database: Database, case_dir: Path, *, polarity: str = "auto",
+                max_pixels: int = MAX_PIXELS) -> IngestResult:
+    """Scan a case folder and store it; raises EmptyCase (after recording it) when nothing is usable."""
+    scanned = scan_case(Path(case_dir), polarity=polarity, max_pixels=max_pixels)
+    for file, reason in sorted(scanned.rejected.items()):
+        log.warning("case %s: rejected %s: %s", scanned.case_id, file, reason)
+    return store_scanned(database, scanned)

@@ -1,0 +1,48 @@
+"""Shared fixtures: real SQLite files, a throw-away PostgreSQL database, generated chromosome files."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import PG_ADMIN_URL, PG_HOST, PG_PORT, chromosome_array, pg_reachable, write_png
+
+
+@pytest.fixture
+def sqlite_path(tmp_path: Path) -> Path:
+    return tmp_path / "cases.sqlite"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    if not pg_reachable():
+        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} (or psycopg missing)")
+    import sqlalchemy as sa
+
+    name = f"chromobatch_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture
+def simple_case(tmp_path: Path) -> Path:
+    """A two-cell PNG case with labels.csv."""
+    case = tmp_path / "CASE001"
+    rows = ["file,label"]
+    for c in range(2):
+        for k, (length, label) in enumerate([(60, "1"), (58, "1"), (25, "21"), (24, "Y")]):
+            rel = f"cell{c + 1:02d}/c{k:02d}.png"
+            write_png(case / rel, chromosome_array(length, 10, seed=c * 10 + k))
+            rows.append(f"{rel},{label}")
+    (case / "labels.csv").write_text("\n".join(rows) + "\n")
+    return case

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from chromobatch.cli import app
+from chromobatch.config import load_settings
+from chromobatch.errors import ConfigError
+
+
+def test_layers_file_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "chromobatch.toml"
+    cfg.write_text('db = "from-file.sqlite"\nbatch_size = 8\nquiet_seconds = 2.5\npolarity = "bright_on_dark"\n')
+    monkeypatch.setenv("CHROMOBATCH_BATCH_SIZE", "16")
+    s = load_settings({"polarity": None}, config_file=cfg)
+    assert (s.db, s.batch_size, s.quiet_seconds, s.polarity) == ("from-file.sqlite", 16, 2.5, "bright_on_dark")
+    s = load_settings({"batch_size": 32, "db": "flag.sqlite"}, config_file=cfg)
+    assert (s.db, s.batch_size) == ("flag.sqlite", 32)
+
+
+def test_table_form_and_env_config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "other.toml"
+    cfg.write_text('[chromobatch]\nworkers = 3\n')
+    monkeypatch.setenv("CHROMOBATCH_CONFIG", str(cfg))
+    assert load_settings().workers == 3
+
+
+@pytest.mark.parametrize("content,match", [
+    ("nonsense = 1\n", "unknown setting"),
+    ("batch_size = 'many'\n", "batch_size must be int"),
+    ("polarity = 'sideways'\n", "polarity"),
+    ("batch_size = 0\n", ">= 1"),
+    ("db = [\n", "not valid TOML"),
+])
+def test_bad_config_is_a_clear_error(tmp_path: Path, content: str, match: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        load_settings(config_file=cfg)
+
+
+def test_config_show_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chromobatch.toml").write_text("workers = 4\n")
+    monkeypatch.setenv("CHROMOBATCH_DB", "env.sqlite")
+    runner = CliRunner()
+    result = runner.invoke(app, ["config", "show", "--json"])
+    assert result.exit_code == 0, result.output
+    values = json.loads(result.output)
+    assert values["workers"] == 4 and values["db"] == "env.sqlite"
+    result = runner.invoke(app, ["config", "show", "--db", "flag.sqlite"])
+    assert "flag.sqlite" in result.output
+
+
+def test_config_error_is_one_red_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHROMOBATCH_WORKERS", "lots")
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 1
+    assert "error: CHROMOBATCH_WORKERS: workers must be int" in result.output
+    assert "Traceback" not in result.output
