@@ -156,6 +156,66 @@ def ingest(
 # --- commands added by area modules below (keep each command thin) ---
 
 
+@app.command()
+@friendly
+def process(
+    case_dir: Annotated[Path, typer.Argument(help="Case folder (its name is the case ID).")],
+    db: DbOpt = None,
+    model: Annotated[str | None, typer.Option(help="Model folder (default: the database's active model).")] = None,
+    reports: Annotated[Path | None, typer.Option(help="Folder for the PDF report.")] = None,
+    force: Annotated[bool, typer.Option(help="Process again even if this content was processed by this model.")]
+    = False,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Chromosomes per forward pass.")] = None,
+) -> None:
+    """Ingest, classify and summarise one case (and render its report)."""
+    from .db import connect
+    from .pipeline import load_predictor, process_case
+
+    cfg = settings(db=db, model=model, device=device, batch_size=batch_size,
+                   reports_dir=str(reports) if reports else None)
+    database = connect(cfg.db)
+    try:
+        predictor = load_predictor(database, cfg)
+        result = process_case(database, case_dir, predictor=predictor, settings=cfg, force=force,
+                              reports_dir=Path(cfg.reports_dir))
+    finally:
+        database.dispose()
+    if result.status == "skipped":
+        typer.echo(f"case {result.case_id}: skipped (already processed with this model; --force to redo), "
+                   f"karyotype {result.karyotype}")
+        return
+    typer.echo(f"case {result.case_id}: done, {result.n_chromosomes} chromosomes in {result.n_cells} cells, "
+               f"suggested karyotype {result.karyotype} ({result.timings['total']:.1f}s)")
+    for file, reason in sorted(result.rejected.items()):
+        typer.secho(f"  rejected {file}: {reason}", fg=typer.colors.YELLOW)
+    if result.report_path:
+        typer.echo(f"  report: {result.report_path}")
+
+
+@app.command()
+@friendly
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the case folders SYN0001... into.")],
+    cases: Annotated[int, typer.Option(help="Number of cases.")] = 10,
+    cells: Annotated[int, typer.Option(help="Cells (metaphases) per case.")] = 3,
+    fmt: Annotated[str, typer.Option("--format", help="png (cell sub-folders) or dicom (flat .dcm files).")]
+    = "png",
+    abnormal_rate: Annotated[float, typer.Option(help="Fraction of abnormal cases (trisomies, X/Y, mosaics).")]
+    = 0.3,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same bytes.")] = 0,
+    style: Annotated[str, typer.Option(help="G (dark bands on light) or Q (bright bands on dark).")] = "G",
+) -> None:
+    """Write synthetic cases drawn from the GRCh38 ideogram, each with labels.csv and truth.json."""
+    from .synth import generate_cases
+
+    paths = generate_cases(out, cases=cases, cells=cells, fmt=fmt, abnormal_rate=abnormal_rate, seed=seed,
+                           style=style)
+    for path in paths:
+        typer.echo(f"  {path.name}  {json.loads((path / 'truth.json').read_text())['karyotype']}")
+    typer.echo(f"wrote {len(paths)} synthetic {style}-band cases ({fmt}, {cells} cells each) to {out}")
+
+
 def main() -> None:
     app()
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy.orm import Session
 
 from . import normalise_label
 from .db import Case, Cell, Chromosome, Database, Label, RejectedFile, utcnow
@@ -302,75 +303,79 @@ def content_hash(pairs: list[tuple[str, str]]) -> str:
 
 
 def store_scanned(database: Database, scanned: ScannedCase, *, status: str = "ingested") -> IngestResult:
-    """Write a scanned case in one transaction; files already stored (same content) are skipped."""
+    """Write a scanned case in one transaction; raises EmptyCase (after recording it) when nothing is usable."""
     with database.session() as s:
-        case = s.query(Case).filter_by(case_id=scanned.case_id).one_or_none()
-        created = case is None
-        if case is None:
-            case = Case(case_id=scanned.case_id, source_path=str(scanned.path), status="received",
-                        meta={}, received_at=utcnow())
-            s.add(case)
-            s.flush()
-        case.source_path = str(scanned.path)
-        case.input_format = scanned.input_format
-        meta = dict(case.meta or {})
-        meta.update(scanned.meta)
-        case.meta = meta
-        cells = {c.name: c for c in case.cells}
-        existing = {sha: (file, cell_id) for sha, file, cell_id in
-                    s.query(Chromosome.sha256, Chromosome.source_file, Chromosome.cell_id)
-                    .filter(Chromosome.case_pk == case.id)}
-        added = skipped = 0
-        by_file: dict[str, Chromosome] = {}
-        order = sorted({(a.cell_order, a.cell) for a in scanned.accepted})
-        for _, name in order:
-            if name not in cells:
-                cell = Cell(case_pk=case.id, name=name, index=len(cells))
-                s.add(cell)
-                cells[name] = cell
-        s.flush()
-        for a in scanned.accepted:
-            if a.sha256 in existing:
-                skipped += 1
-                continue
-            chrom = Chromosome(case_pk=case.id, cell_id=cells[a.cell].id, source_file=a.file,
-                               sha256=a.sha256, width=int(a.crop.shape[1]), height=int(a.crop.shape[0]),
-                               polarity=a.polarity, crop_png=encode_png(a.crop))
-            s.add(chrom)
-            by_file[a.file] = chrom
-            added += 1
-        s.flush()
-        old_rejects = {r.source_file: r for r in case.rejected}
-        accepted_files = {a.file for a in scanned.accepted}
-        for file, r in old_rejects.items():
-            if file in accepted_files:
-                s.delete(r)
-        for file, reason in scanned.rejected.items():
-            if file in old_rejects:
-                old_rejects[file].reason = reason
-            else:
-                s.add(RejectedFile(case_pk=case.id, source_file=file, reason=reason))
-        imported = _import_labels(s, case, scanned)
-        all_pairs = [(f, sha) for sha, (f, _) in existing.items()] + \
-                    [(a.file, a.sha256) for a in scanned.accepted if a.sha256 not in existing]
-        case.content_sha256 = content_hash(all_pairs)
-        if not all_pairs:
-            case.status = "failed"
-            case.error = "no valid chromosome image in the case"
-        elif case.status in ("received", "failed", "ingested"):
-            case.status = status
-            case.error = None
-        result = IngestResult(case_id=case.case_id, case_pk=case.id, created=created, added=added,
-                              already_stored=skipped, rejected=dict(scanned.rejected), cells=len(cells),
-                              labels_imported=imported, input_format=scanned.input_format,
-                              label_problems=list(scanned.label_problems))
+        result = store_in_session(s, scanned, status=status)
     log.info("case %s: %d chromosomes added, %d already stored, %d rejected, %d labels imported",
-             result.case_id, added, skipped, len(result.rejected), imported)
-    if not all_pairs:
+             result.case_id, result.added, result.already_stored, len(result.rejected), result.labels_imported)
+    raise_if_empty(result, scanned)
+    return result
+
+
+def raise_if_empty(result: IngestResult, scanned: ScannedCase) -> None:
+    if result.added + result.already_stored == 0:
         reasons = "; ".join(f"{f}: {r}" for f, r in sorted(scanned.rejected.items())[:10])
         raise EmptyCase(f"case {scanned.case_id} has no valid chromosome image"
                         + (f" (rejected: {reasons})" if reasons else " (the folder is empty)"))
-    return result
+
+
+def store_in_session(s: Session, scanned: ScannedCase, *, status: str = "ingested") -> IngestResult:
+    """Store a scanned case inside the caller's transaction (the pipeline adds predictions to it)."""
+    case = s.query(Case).filter_by(case_id=scanned.case_id).one_or_none()
+    created = case is None
+    if case is None:
+        case = Case(case_id=scanned.case_id, source_path=str(scanned.path), status="received",
+                    meta={}, received_at=utcnow())
+        s.add(case)
+        s.flush()
+    case.source_path = str(scanned.path)
+    case.input_format = scanned.input_format
+    meta = dict(case.meta or {})
+    meta.update(scanned.meta)
+    case.meta = meta
+    cells = {c.name: c for c in case.cells}
+    existing = {sha: file for sha, file in
+                s.query(Chromosome.sha256, Chromosome.source_file).filter(Chromosome.case_pk == case.id)}
+    added = skipped = 0
+    for _, name in sorted({(a.cell_order, a.cell) for a in scanned.accepted}):
+        if name not in cells:
+            cell = Cell(case_pk=case.id, name=name, index=len(cells))
+            s.add(cell)
+            cells[name] = cell
+    s.flush()
+    for a in scanned.accepted:
+        if a.sha256 in existing:
+            skipped += 1
+            continue
+        s.add(Chromosome(case_pk=case.id, cell_id=cells[a.cell].id, source_file=a.file, sha256=a.sha256,
+                         width=int(a.crop.shape[1]), height=int(a.crop.shape[0]), polarity=a.polarity,
+                         crop_png=encode_png(a.crop)))
+        added += 1
+    s.flush()
+    old_rejects = {r.source_file: r for r in case.rejected}
+    accepted_files = {a.file for a in scanned.accepted}
+    for file, r in old_rejects.items():
+        if file in accepted_files:
+            s.delete(r)
+    for file, reason in scanned.rejected.items():
+        if file in old_rejects:
+            old_rejects[file].reason = reason
+        else:
+            s.add(RejectedFile(case_pk=case.id, source_file=file, reason=reason))
+    imported = _import_labels(s, case, scanned)
+    pairs = list(existing.items()) + [(a.sha256, a.file) for a in scanned.accepted if a.sha256 not in existing]
+    case.content_sha256 = content_hash([(f, sha) for sha, f in pairs])
+    if not pairs:
+        case.status = "failed"
+        case.error = "no valid chromosome image in the case"
+    elif case.status in ("received", "failed", "ingested"):
+        case.status = status
+        case.error = None
+    s.flush()
+    return IngestResult(case_id=case.case_id, case_pk=case.id, created=created, added=added,
+                        already_stored=skipped, rejected=dict(scanned.rejected), cells=len(cells),
+                        labels_imported=imported, input_format=scanned.input_format,
+                        label_problems=list(scanned.label_problems))
 
 
 def _import_labels(s: Any, case: Case, scanned: ScannedCase) -> int:

@@ -46,3 +46,21 @@ def simple_case(tmp_path: Path) -> Path:
             rows.append(f"{rel},{label}")
     (case / "labels.csv").write_text("\n".join(rows) + "\n")
     return case
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny model folder: enough to run the pipeline end to end, not to classify."""
+    import torch
+
+    from chromobatch.model import create_model
+    from chromobatch.modelio import save_model
+    from chromobatch.preprocess import PreprocessSpec
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    net = create_model("test_resnet", embed_dim=32, input_size=32)
+    spec = PreprocessSpec(mode="fixed", input_size=32, scale=0.4)
+    save_model(net, {"backbone": "test_resnet", "embed_dim": 32, "preprocess": spec.to_dict(), "name": "tiny",
+                     "version": "t1"}, folder)
+    return folder

@@ -1,0 +1,52 @@
+"""Karyotype-aware assignment of one cell's chromosomes to class slots.
+
+A normal cell has two of each autosome and XX or XY. Each chromosome goes to one slot so that the total
+-log probability is minimal; every class has its normal slots at no cost and one extra slot at a penalty,
+so a real trisomy is kept when the scores support it, and a monosomy simply leaves a slot empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from . import CLASS_INDEX, CLASSES
+
+#: Slots per class at no cost: two of each autosome; X twice and Y once (XX, XY and XXY need no extra).
+FREE_SLOTS = {**{c: 2 for c in CLASSES[:22]}, "X": 2, "Y": 1}
+#: Default cost (in nats) of placing a chromosome in a class's extra slot (a gain).
+DEFAULT_GAIN_PENALTY = 2.0
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Assignment:
+    labels: list[str]
+    #: True where the assigned class differs from the raw top-1 class.
+    changed: list[bool]
+    cost: float
+
+
+def assign_cell(probs: np.ndarray, *, gain_penalty: float = DEFAULT_GAIN_PENALTY, extra_slots: int = 1) -> Assignment:
+    """probs [n, 24] (softmax, class order CLASSES) -> one class per chromosome."""
+    probs = np.asarray(probs, dtype=np.float64)
+    n = probs.shape[0]
+    raw = [CLASSES[i] for i in probs.argmax(axis=1)] if n else []
+    slot_class: list[int] = []
+    slot_cost: list[float] = []
+    for name in CLASSES:
+        for k in range(FREE_SLOTS[name] + extra_slots):
+            slot_class.append(CLASS_INDEX[name])
+            slot_cost.append(0.0 if k < FREE_SLOTS[name] else gain_penalty * (k - FREE_SLOTS[name] + 1))
+    if n == 0 or n > len(slot_class):
+        return Assignment(labels=raw, changed=[False] * n, cost=0.0)
+    neglog = -np.log(np.clip(probs, EPS, 1.0))
+    cost = neglog[:, slot_class] + np.asarray(slot_cost)[None, :]
+    rows, cols = linear_sum_assignment(cost)
+    labels = [""] * n
+    for r, c in zip(rows, cols, strict=True):
+        labels[r] = CLASSES[slot_class[c]]
+    return Assignment(labels=labels, changed=[a != b for a, b in zip(labels, raw, strict=True)],
+                      cost=float(cost[rows, cols].sum()))

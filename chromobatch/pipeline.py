@@ -1,0 +1,191 @@
+"""The case pipeline: ingest + predict + karyotype-aware assignment + summary, in one transaction per case.
+
+`process_case` is what `chromobatch process` and the watcher's workers call. A kill at any moment leaves
+either the whole case (chromosomes, predictions, summary, the job marked done) or none of it; running it
+again on the same content with the same model is a no-op unless `force`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from . import CLASSES
+from .assign import DEFAULT_GAIN_PENALTY, assign_cell
+from .config import Settings
+from .db import Case, Cell, Chromosome, Database, Job, ModelVersion, Prediction, utcnow
+from .errors import ChromobatchError
+from .imaging import decode_png
+from .infer import Predictor, load_predictor
+from .ingest import ScannedCase, raise_if_empty, scan_case, store_in_session
+from .karyotype import cell_karyotype, summarise
+from .preprocess import chromosome_length
+
+__all__ = ["ProcessResult", "load_predictor", "process_case"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessResult:
+    case_id: str
+    status: str  # done | skipped
+    n_chromosomes: int = 0
+    n_cells: int = 0
+    karyotype: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    report_path: Path | None = None
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def _cell_medians(scanned: ScannedCase) -> dict[str, float]:
+    lengths: dict[str, list[float]] = defaultdict(list)
+    for a in scanned.accepted:
+        lengths[a.cell].append(chromosome_length(a.crop))
+    return {cell: float(np.median(v)) for cell, v in lengths.items()}
+
+
+def _already_done(s: Session, scanned: ScannedCase, predictor: Predictor) -> Case | None:
+    case = s.query(Case).filter_by(case_id=scanned.case_id).one_or_none()
+    if case is None or case.status != "done" or case.model_version_id != predictor.version_id:
+        return None
+    stored = {sha for (sha,) in s.query(Chromosome.sha256).filter(Chromosome.case_pk == case.id)}
+    return case if {a.sha256 for a in scanned.accepted} <= stored else None
+
+
+def _finish_job(s: Session, job_id: int | None) -> None:
+    if job_id is None:
+        return
+    job = s.get(Job, job_id)
+    if job is not None:
+        job.state, job.finished_at, job.error = "done", utcnow(), None
+
+
+def process_case(database: Database, case_dir: Path, *, predictor: Predictor, settings: Settings,
+                 force: bool = False, job_id: int | None = None, reports_dir: Path | None = None,
+                 gain_penalty: float = DEFAULT_GAIN_PENALTY) -> ProcessResult:
+    """Process one case folder; a bad case raises a ChromobatchError (its rejections are recorded first)."""
+    t0 = time.perf_counter()
+    scanned = scan_case(Path(case_dir), polarity=settings.polarity, max_pixels=settings.max_image_pixels)
+    t_scan = time.perf_counter()
+    with database.session() as s:
+        done = None if force else _already_done(s, scanned, predictor)
+        if done is not None:
+            _finish_job(s, job_id)
+            log.info("case %s: already processed with this model and content; skipped", scanned.case_id)
+            return ProcessResult(case_id=scanned.case_id, status="skipped", karyotype=done.karyotype,
+                                 rejected=dict(scanned.rejected))
+    medians = _cell_medians(scanned)
+    use_cell = predictor.model.spec.mode == "cell"
+    probs = predictor.predict([a.crop for a in scanned.accepted],
+                              [medians[a.cell] if use_cell else None for a in scanned.accepted])
+    by_sha = {a.sha256: p for a, p in zip(scanned.accepted, probs, strict=True)}
+    t_predict = time.perf_counter()
+    with database.session() as s:
+        ingest = store_in_session(s, scanned, status="processing")
+        if ingest.added + ingest.already_stored == 0:
+            _fail_case(s, ingest.case_pk, "no valid chromosome image in the case", job_id)
+        else:
+            result = _predict_and_summarise(s, ingest.case_pk, predictor, settings, by_sha, force, gain_penalty)
+            _finish_job(s, job_id)
+    if ingest.added + ingest.already_stored == 0:
+        raise_if_empty(ingest, scanned)
+    t_commit = time.perf_counter()
+    result.rejected = dict(scanned.rejected)
+    if reports_dir is not None:
+        result.report_path = _render_report(database, result.case_id, Path(reports_dir))
+    t_end = time.perf_counter()
+    result.timings = {"scan": t_scan - t0, "predict": t_predict - t_scan, "store": t_commit - t_predict,
+                      "report": t_end - t_commit, "total": t_end - t0}
+    log.info("case %s: %d chromosomes in %d cells, %s, %.2fs (scan %.2f, predict %.2f, store %.2f, report %.2f)",
+             result.case_id, result.n_chromosomes, result.n_cells, result.karyotype, result.timings["total"],
+             result.timings["scan"], result.timings["predict"], result.timings["store"], result.timings["report"])
+    return result
+
+
+def _fail_case(s: Session, case_pk: int, error: str, job_id: int | None) -> None:
+    case = s.get(Case, case_pk)
+    if case is not None:
+        case.status, case.error = "failed", error
+
+
+def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, settings: Settings,
+                           by_sha: dict[str, np.ndarray], force: bool, gain_penalty: float) -> ProcessResult:
+    case = s.get(Case, case_pk)
+    assert case is not None
+    version = s.get(ModelVersion, predictor.version_id)
+    cells = s.query(Cell).filter(Cell.case_pk == case_pk).order_by(Cell.index).all()
+    existing = {p.chromosome_id: p for p in s.query(Prediction).join(Chromosome)
+                .filter(Chromosome.case_pk == case_pk, Prediction.model_version_id == predictor.version_id)}
+    cell_results = []
+    n_total = 0
+    for cell in cells:
+        chroms = list(cell.chromosomes)
+        if not chroms:
+            continue
+        missing = [c for c in chroms if c.sha256 not in by_sha and (force or c.id not in existing)]
+        if missing:  # stored earlier, not in this folder: predict from the stored crops
+            crops = [decode_png(c.crop_png) for c in missing]
+            med = float(np.median([chromosome_length(x) for x in crops]))
+            use_cell = predictor.model.spec.mode == "cell"
+            for c, p in zip(missing, predictor.predict(crops, [med if use_cell else None] * len(crops)), strict=True):
+                by_sha[c.sha256] = p
+        probs = np.stack([by_sha[c.sha256] if (c.sha256 in by_sha and (force or c.id not in existing))
+                          else np.asarray(existing[c.id].probabilities, dtype=np.float32) for c in chroms])
+        assignment = assign_cell(probs, gain_penalty=gain_penalty)
+        kt = cell_karyotype(cell.name, assignment.labels)
+        abnormal = set(kt.gains) | set(kt.losses)
+        for c, p, label, changed in zip(chroms, probs, assignment.labels, assignment.changed, strict=True):
+            raw = CLASSES[int(np.argmax(p))]
+            conf = float(np.max(p))
+            flags = []
+            if conf < settings.low_confidence:
+                flags.append("low_confidence")
+            if label in abnormal or (label in ("X", "Y") and kt.sex not in ("XX", "XY")):
+                flags.append("count_anomaly")
+            if changed:
+                flags.append("reassigned")
+            row = existing.get(c.id)
+            if row is None:
+                row = Prediction(chromosome_id=c.id, model_version_id=predictor.version_id)
+                s.add(row)
+            row.label, row.assigned_label, row.confidence = raw, label, conf
+            row.probabilities = [round(float(x), 6) for x in p]
+            row.flags = flags
+        cell_results.append(kt)
+        n_total += len(chroms)
+    summary: dict[str, Any] = summarise(cell_results)
+    for entry in summary["cells"]:
+        entry["flags"] = ["count_anomaly"] if entry["count"] != 46 else []
+    summary["model"] = {"name": version.name if version else None, "version": version.version if version else None,
+                        "sha256": predictor.sha256}
+    case.summary = summary
+    case.karyotype = summary["karyotype"]
+    case.status, case.error, case.processed_at = "done", None, utcnow()
+    case.model_version_id = predictor.version_id
+    return ProcessResult(case_id=case.case_id, status="done", n_chromosomes=n_total, n_cells=len(cell_results),
+                         karyotype=case.karyotype)
+
+
+def _render_report(database: Database, case_id: str, reports_dir: Path) -> Path | None:
+    """The report follows the commit: a failed rendering is logged and recorded, the results stay."""
+    try:
+        from .report import render_case_report
+    except ImportError:
+        return None
+    try:
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        return render_case_report(database, case_id, reports_dir=reports_dir).pdf
+    except (ChromobatchError, OSError, ValueError) as exc:
+        log.error("case %s: report rendering failed: %s", case_id, exc)
+        with database.session() as s:
+            case = s.query(Case).filter_by(case_id=case_id).one()
+            case.error = f"report rendering failed: {exc}"
+        return None
