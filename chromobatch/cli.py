@@ -158,6 +158,75 @@ def ingest(
 
 @app.command()
 @friendly
+def watch(
+    incoming: Annotated[Path, typer.Argument(help="Folder the lab drops case folders into.")],
+    db: DbOpt = None,
+    reports: Annotated[Path | None, typer.Option(help="Folder for PDF reports (default: reports_dir setting, "
+                                                      "relative to the incoming folder's parent).")] = None,
+    poll: Annotated[float | None, typer.Option(help="Scan every SECONDS instead of inotify (network shares).")]
+    = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes sharing the database queue.")] = None,
+    once: Annotated[bool, typer.Option(help="Process what is waiting, then exit (tests, cron).")] = False,
+    worker_only: Annotated[bool, typer.Option(hidden=True, help="Internal: a worker process of a watcher.")]
+    = False,
+) -> None:
+    """Process every case folder dropped into INCOMING; done -> processed/, failed -> failed/."""
+    from .watch import watch as run_watch
+
+    cfg = settings(db=db, poll_seconds=poll, workers=workers)
+    code = run_watch(incoming, cfg, once=once, reports_dir=reports.resolve() if reports else None,
+                     worker_only=worker_only)
+    raise typer.Exit(code)
+
+
+@app.command()
+@friendly
+def status(
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    recent: Annotated[int, typer.Option(help="How many recent cases to list.")] = 10,
+) -> None:
+    """Queue depth, running and failed jobs, recent cases and the active model."""
+    from .db import connect
+    from .jobs import format_status, queue_status
+
+    database = connect(settings(db=db).db)
+    try:
+        info = queue_status(database, recent=recent)
+    finally:
+        database.dispose()
+    typer.echo(json.dumps(info, indent=2) if as_json else "\n".join(format_status(info)))
+
+
+@app.command()
+@friendly
+def report(
+    case_id: Annotated[str, typer.Argument(help="Case ID (as shown by `chromobatch status`).")],
+    db: DbOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="PDF path (default <reports_dir>/<case>.pdf).")] = None,
+    cells: Annotated[int | None, typer.Option("--cells", min=1, help="Karyogram pages for the first N cells only.")]
+    = None,
+    png: Annotated[bool, typer.Option("--png", help="Also write each cell's karyogram as PNG.")] = False,
+) -> None:
+    """Render a case's karyogram PDF report (and an Encapsulated PDF .dcm for DICOM cases)."""
+    from .db import connect
+    from .report import render_case_report
+
+    cfg = settings(db=db)
+    reports_dir = Path(cfg.reports_dir)
+    database = connect(cfg.db)
+    try:
+        result = render_case_report(database, case_id, out, cells=cells, reports_dir=reports_dir,
+                                    png_dir=((out.parent if out else reports_dir) if png else None))
+    finally:
+        database.dispose()
+    typer.echo(f"{result.pdf} ({result.pages} pages)")
+    for path in [*result.pngs, *([result.dicom] if result.dicom else [])]:
+        typer.echo(str(path))
+
+
+@app.command()
+@friendly
 def process(
     case_dir: Annotated[Path, typer.Argument(help="Case folder (its name is the case ID).")],
     db: DbOpt = None,
@@ -214,6 +283,77 @@ def synth(
     for path in paths:
         typer.echo(f"  {path.name}  {json.loads((path / 'truth.json').read_text())['karyotype']}")
     typer.echo(f"wrote {len(paths)} synthetic {style}-band cases ({fmt}, {cells} cells each) to {out}")
+
+
+@app.command()
+@friendly
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Manifest CSV path,label[,patient,cell,split] or DIR/<label>/")],
+    out: Annotated[Path, typer.Option("--out", help="Model folder to write (model.safetensors + model.json).")],
+    backbone: Annotated[str, typer.Option(help="Any timm model name (random init, never downloaded).")] = "resnet18",
+    input_size: Annotated[int, typer.Option("--input-size", help="Square input side in pixels.")] = 96,
+    embed_dim: Annotated[int, typer.Option("--embed-dim", help="Embedding size D.")] = 1024,
+    steps: Annotated[int, typer.Option(help="Training steps (each: B1 + B2, 24 images each).")] = 2000,
+    no_scl: Annotated[bool, typer.Option("--no-scl", help="Baseline: lambda_con = 0, same sampler and steps.")]
+    = False,
+    lambda_con: Annotated[float | None, typer.Option("--lambda-con", help="Weight of L_con (default 1).")] = None,
+    lambda_cls: Annotated[float | None, typer.Option("--lambda-cls", help="Weight of L_cls (default 1; code: 2).")]
+    = None,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (warm-up, then cosine).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.")] = False,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 500,
+    val_every: Annotated[int, typer.Option("--val-every", help="Steps between validations.")] = 200,
+    patience: Annotated[int, typer.Option(help="Validations without improvement before stopping (0: never).")]
+    = 5,
+    preprocess: Annotated[str, typer.Option("--preprocess", help="fixed, cell or fit (see docs/results.md).")]
+    = "fixed",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    variant: Annotated[str, typer.Option(help="paper (the text) or code (the authors' public code).")] = "paper",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a classifier with supervised contrastive learning (torchrun-aware: same command, DDP)."""
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    cfg = TrainConfig(backbone=backbone, input_size=input_size, embed_dim=embed_dim, steps=steps, no_scl=no_scl,
+                      lambda_con=lambda_con, lambda_cls=lambda_cls, lr=lr, seed=seed, preprocess=preprocess,
+                      checkpoint_every=checkpoint_every, val_every=val_every, patience=patience, device=device,
+                      variant=variant)
+    result = run_training(cfg, data, out, resume=resume, progress=progress)
+    best = "-" if result.best_val_accuracy is None else f"{result.best_val_accuracy:.4f} (step {result.best_step})"
+    typer.echo(f"trained {backbone}: {result.steps_done} steps in {result.seconds:.0f}s "
+               f"({result.images_per_second:.0f} images/s), best val accuracy {best}, t={result.final_temperature:.2f}"
+               f"{', stopped early' if result.stopped_early else ''}")
+    typer.echo(f"model written to {result.model_dir}")
+
+
+@app.command()
+@friendly
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", help="Model folder (model.safetensors + model.json).")],
+    data: Annotated[Path, typer.Option("--data", help="Manifest CSV or DIR/<label>/*.png.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate when the data has a split column ('all': every row).")]
+    = "test",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the HTML report and figures.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Accuracy, macro recall, macro AUC and a per-class table (plus report figures with --out)."""
+    from .evaluate import evaluate as run_evaluation
+
+    metrics = run_evaluation(model, data, out, split=split, device=device)
+    auc = "-" if metrics["auc_macro"] is None else f"{metrics['auc_macro']:.4f}"
+    typer.echo(f"{metrics['n']} images: accuracy {metrics['accuracy']:.4f}, "
+               f"macro recall {metrics['recall_macro']:.4f}, macro AUC {auc}")
+    for row in metrics["per_class"]:
+        if row["n"]:
+            typer.echo(f"  {row['class']:>2}  n={row['n']:<5} recall {row['recall']:.3f}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(metrics, indent=2))
+        typer.echo(f"metrics written to {json_out}")
+    if out is not None:
+        typer.echo(f"report written to {metrics['report']}")
 
 
 def main() -> None:
