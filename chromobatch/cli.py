@@ -54,6 +54,8 @@ def settings(**overrides: Any) -> Settings:
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations are routine, not news
 
 
 def _version(value: bool) -> None:
@@ -154,6 +156,216 @@ def ingest(
 
 
 # --- commands added by area modules below (keep each command thin) ---
+
+
+# review loop, training from the database, model registry (chromobatch/review.py, chromobatch/retrain.py)
+
+models_app = typer.Typer(help="The model registry: candidates, the active model, promotion and rollback.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+ReviewerOpt = Annotated[str | None, typer.Option("--reviewer", envvar="CHROMOBATCH_REVIEWER",
+                                                 help="Who reviews (kept in the audit trail).")]
+
+
+def _print_history(database: Any, case_id: str) -> None:
+    from .review import history
+
+    entries = history(database, case_id)
+    if not entries:
+        typer.echo(f"case {case_id}: no labels yet")
+    for e in entries:
+        at = e.at.strftime("%Y-%m-%d %H:%M:%S") if e.at else "-"
+        change = f"{e.previous} -> {e.label}" if e.previous is not None else f"{e.label}"
+        who = f" by {e.reviewer}" if e.reviewer else ""
+        typer.echo(f"{at}  cell {e.cell_number} ({e.cell}) #{e.number} {e.source_file}: {change}  "
+                   f"[{e.source}{who}]")
+
+
+def _print_changes(changes: list[Any], what: str) -> None:
+    for c in changes:
+        if c.changed:
+            typer.echo(f"  cell {c.cell_number} #{c.number} {c.source_file}: {c.previous or '-'} -> {c.label}")
+    typer.echo(f"{what}: {sum(c.changed for c in changes)} label(s) recorded, "
+               f"{sum(not c.changed for c in changes)} already so")
+
+
+@app.command()
+@friendly
+def label(
+    case_id: Annotated[str, typer.Argument(help="Case ID.")],
+    cell: Annotated[str | None, typer.Option(help="Cell name or 1-based cell number (report order).")] = None,
+    chromosome: Annotated[str | None, typer.Option(help="1-based number within the cell (source-file order) "
+                                                        "or the source file name.")] = None,
+    as_label: Annotated[str | None, typer.Option("--as", help="The correct class: 1-22, X or Y.")] = None,
+    import_csv: Annotated[Path | None, typer.Option("--import", help="Corrections CSV: file,label or "
+                                                                     "cell,chromosome,label.")] = None,
+    reviewer: ReviewerOpt = None,
+    show_history: Annotated[bool, typer.Option("--history", help="Print the case's label audit trail.")] = False,
+    db: DbOpt = None,
+) -> None:
+    """Correct chromosome labels (kept as reviewed labels with who, when and the previous value)."""
+    from .db import connect
+    from .review import import_corrections, set_label
+
+    if not show_history and import_csv is None and (chromosome is None or as_label is None):
+        raise ChromobatchError("give --chromosome N --as LABEL (with --cell), --import FILE, or --history")
+    database = connect(settings(db=db).db)
+    try:
+        if show_history:
+            _print_history(database, case_id)
+        elif import_csv is not None:
+            _print_changes(import_corrections(database, case_id, import_csv, reviewer=reviewer or ""),
+                           f"case {case_id}")
+        else:
+            assert chromosome is not None and as_label is not None
+            _print_changes([set_label(database, case_id, cell=cell, chromosome=chromosome, label=as_label,
+                                      reviewer=reviewer or "")], f"case {case_id}")
+    finally:
+        database.dispose()
+
+
+@app.command()
+@friendly
+def review(
+    case_id: Annotated[str, typer.Argument(help="Case ID.")],
+    accept: Annotated[bool, typer.Option("--accept", help="Accept the current predictions as reviewed labels "
+                                                          "for every chromosome not reviewed yet.")] = False,
+    reviewer: ReviewerOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """List a case's chromosomes with their numbers and labels, or accept its predictions (--accept)."""
+    from .db import connect
+    from .review import accept_predictions, chromosome_overview
+
+    database = connect(settings(db=db).db)
+    try:
+        if accept:
+            _print_changes(accept_predictions(database, case_id, reviewer=reviewer or ""), f"case {case_id}")
+            return
+        for ref, current, source in chromosome_overview(database, case_id):
+            typer.echo(f"cell {ref.cell_number} ({ref.cell}) #{ref.number:<3} {ref.source_file:<32} "
+                       f"{current or '-':>2}  {source or 'unlabelled'}")
+    finally:
+        database.dispose()
+
+
+@app.command()
+@friendly
+def history(case_id: Annotated[str, typer.Argument(help="Case ID.")], db: DbOpt = None) -> None:
+    """Print a case's label audit trail: every label, who set it, when, and the value it replaced."""
+    from .db import connect
+
+    database = connect(settings(db=db).db)
+    try:
+        _print_history(database, case_id)
+    finally:
+        database.dispose()
+
+
+def _train_from_db(cfg: Any, db: str, *, models_dir: Path, margin: float, val_fraction: float,
+                   lock: Path | None, promote: bool, progress: bool) -> None:
+    """`train --db`: retrain.retrain, with its own exit code when another run holds the lock."""
+    from .db import connect
+    from .retrain import RetrainOptions, TrainingLocked, retrain
+
+    database = connect(settings(db=db).db)
+    try:
+        result = retrain(database, cfg, RetrainOptions(models_dir=models_dir, margin=margin,
+                                                       val_fraction=val_fraction, lock_path=lock, promote=promote),
+                         progress=progress)
+    except TrainingLocked as exc:
+        typer.echo(f"skipped: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    finally:
+        database.dispose()
+    if result is None:  # a torchrun rank other than 0
+        return
+    d = result.data
+    typer.echo(f"trained on {d['n_train']} chromosomes ({d['patients'] - d['val_patients']} patients), validated "
+               f"on {d['n_val']} ({d['val_patients']} patients) in {result.seconds:.0f}s")
+    typer.echo(f"model {result.name} {result.version} (id {result.version_id}) at {result.model_dir}: "
+               f"{result.status} - {result.reason}")
+
+
+@models_app.command("list")
+@friendly
+def models_list(db: DbOpt = None,
+                as_json: Annotated[bool, typer.Option("--json", help="Print JSON (with the history).")] = False
+                ) -> None:
+    """Every registered model version with its status, validation accuracy and reason."""
+    from .db import connect
+    from .retrain import format_models, list_models
+
+    database = connect(settings(db=db).db)
+    try:
+        rows = list_models(database)
+    finally:
+        database.dispose()
+    typer.echo(json.dumps(rows, indent=2, default=str) if as_json else "\n".join(format_models(rows)))
+
+
+@models_app.command("promote")
+@friendly
+def models_promote(
+    version: Annotated[str, typer.Argument(help="Model id, version, name-version or sha256 prefix.")],
+    reason: Annotated[str | None, typer.Option(help="Why (kept in the registry).")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Make a model version the active one (watchers switch before their next case)."""
+    from .db import connect
+    from .retrain import promote
+
+    database = connect(settings(db=db).db)
+    try:
+        row = promote(database, version, reason=reason)
+    finally:
+        database.dispose()
+    typer.echo(f"model {row.name} {row.version} (id {row.id}) is now active")
+
+
+@models_app.command("rollback")
+@friendly
+def models_rollback(
+    reason: Annotated[str | None, typer.Option(help="Why (kept in the registry).")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Re-activate the model that was active before the current one; the current one is retired."""
+    from .db import connect
+    from .retrain import rollback
+
+    database = connect(settings(db=db).db)
+    try:
+        old, new = rollback(database, reason=reason)
+    finally:
+        database.dispose()
+    typer.echo(f"retired {old.name} {old.version} (id {old.id}); {new.name} {new.version} (id {new.id}) is "
+               "active again")
+
+
+@app.command()
+@friendly
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's cases, database and reports.")] = Path("demo"),
+    cells: Annotated[int, typer.Option(help="Cells per case.")] = 3,
+    fmt: Annotated[str, typer.Option("--format", help="png, dicom or mixed.")] = "mixed",
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic cases.")] = 0,
+    model: Annotated[str | None, typer.Option(help="Model folder (default: the shipped models/default).")] = None,
+) -> None:
+    """Generate synthetic cases, process them with the watcher and the shipped model, print the table."""
+    from .demo import run_demo
+
+    rows = run_demo(out, settings(model=model), cells=cells, seed=seed, fmt=fmt)
+    typer.echo("")
+    typer.echo(f"{'case':<9} {'status':<7} {'cells':>5} {'chrom':>5}  {'synthetic truth':<24} "
+               f"{'suggested karyotype':<24} report")
+    for r in rows:
+        mark = "" if r.suggested == r.truth else "  (differs)"
+        typer.echo(f"{r.case_id:<9} {r.status:<7} {r.cells:>5} {r.chromosomes:>5}  {r.truth:<24} "
+                   f"{(r.suggested or '-'):<24} {r.report or '-'}{mark}")
+    agree = sum(r.suggested == r.truth for r in rows)
+    typer.echo(f"\n{agree}/{len(rows)} suggested karyotypes match the synthetic truth. Database: "
+               f"{(out / 'demo.sqlite')}. Results require review by a qualified cytogeneticist.")
 
 
 @app.command()
@@ -288,8 +500,10 @@ def synth(
 @app.command()
 @friendly
 def train(
-    data: Annotated[Path, typer.Option("--data", help="Manifest CSV path,label[,patient,cell,split] or DIR/<label>/")],
-    out: Annotated[Path, typer.Option("--out", help="Model folder to write (model.safetensors + model.json).")],
+    data: Annotated[Path | None, typer.Option("--data", help="Manifest CSV path,label[,patient,cell,split] or "
+                                                             "DIR/<label>/")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Model folder to write (model.safetensors + "
+                                                           "model.json).")] = None,
     backbone: Annotated[str, typer.Option(help="Any timm model name (random init, never downloaded).")] = "resnet18",
     input_size: Annotated[int, typer.Option("--input-size", help="Square input side in pixels.")] = 96,
     embed_dim: Annotated[int, typer.Option("--embed-dim", help="Embedding size D.")] = 1024,
@@ -311,15 +525,46 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     variant: Annotated[str, typer.Option(help="paper (the text) or code (the authors' public code).")] = "paper",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    db: Annotated[str | None, typer.Option("--db", help="Train from this database's reviewed/imported labels "
+                                                        "instead of --data; registers (and may promote) the model.")]
+    = None,
+    models_dir: Annotated[Path, typer.Option("--models-dir", envvar="CHROMOBATCH_MODELS_DIR",
+                                             help="--db: registry folder for <name>-<timestamp>/.")]
+    = Path("models/registry"),
+    margin: Annotated[float, typer.Option(help="--db: promote when the candidate's validation accuracy is at most "
+                                               "this many percentage points below the active model's.")] = 0.0,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="--db: share of patients that validate.")]
+    = 0.2,
+    lock: Annotated[Path | None, typer.Option("--lock", envvar="CHROMOBATCH_TRAIN_LOCK",
+                                              help="--db: lock file (default <sqlite>.train.lock or "
+                                                   "<models-dir>/.train.lock).")] = None,
+    promote: Annotated[bool, typer.Option(help="--db: promote a good enough candidate (else register only).")]
+    = True,
 ) -> None:
-    """Train a classifier with supervised contrastive learning (torchrun-aware: same command, DDP)."""
+    """Train a classifier with supervised contrastive learning (torchrun-aware: same command, DDP).
+
+    With --db: train on the lab's labelled cases, register a candidate, promote it if it is not worse than the
+    active model (exit code 75 when another training run holds the lock)."""
     from .train import TrainConfig
     from .train import train as run_training
 
+    if (data is None) == (db is None):
+        raise ChromobatchError("give either --data (a manifest or class folders) or --db (train from the "
+                               "database's labelled cases)", hint="See `chromobatch train --help`.")
+    if db is not None and (out is not None or resume):
+        raise ChromobatchError("--out and --resume are for --data; with --db the model goes to "
+                               "--models-dir/<name>-<timestamp>")
+    if data is not None and out is None:
+        raise ChromobatchError("--data needs --out (the model folder to write)")
     cfg = TrainConfig(backbone=backbone, input_size=input_size, embed_dim=embed_dim, steps=steps, no_scl=no_scl,
                       lambda_con=lambda_con, lambda_cls=lambda_cls, lr=lr, seed=seed, preprocess=preprocess,
                       checkpoint_every=checkpoint_every, val_every=val_every, patience=patience, device=device,
                       variant=variant)
+    if db is not None:
+        _train_from_db(cfg, db, models_dir=models_dir, margin=margin, val_fraction=val_fraction, lock=lock,
+                       promote=promote, progress=progress)
+        return
+    assert data is not None and out is not None
     result = run_training(cfg, data, out, resume=resume, progress=progress)
     best = "-" if result.best_val_accuracy is None else f"{result.best_val_accuracy:.4f} (step {result.best_step})"
     typer.echo(f"trained {backbone}: {result.steps_done} steps in {result.seconds:.0f}s "
