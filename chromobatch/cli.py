@@ -524,6 +524,7 @@ def train(
     = "fixed",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     variant: Annotated[str, typer.Option(help="paper (the text) or code (the authors' public code).")] = "paper",
+    rotate: Annotated[float, typer.Option(help="Random rotation augmentation range in degrees (+-).")] = 180.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     db: Annotated[str | None, typer.Option("--db", help="Train from this database's reviewed/imported labels "
                                                         "instead of --data; registers (and may promote) the model.")]
@@ -545,6 +546,7 @@ def train(
 
     With --db: train on the lab's labelled cases, register a candidate, promote it if it is not worse than the
     active model (exit code 75 when another training run holds the lock)."""
+    from .data import AugmentConfig
     from .train import TrainConfig
     from .train import train as run_training
 
@@ -559,7 +561,7 @@ def train(
     cfg = TrainConfig(backbone=backbone, input_size=input_size, embed_dim=embed_dim, steps=steps, no_scl=no_scl,
                       lambda_con=lambda_con, lambda_cls=lambda_cls, lr=lr, seed=seed, preprocess=preprocess,
                       checkpoint_every=checkpoint_every, val_every=val_every, patience=patience, device=device,
-                      variant=variant)
+                      variant=variant, augment=AugmentConfig(rotate_deg=rotate))
     if db is not None:
         _train_from_db(cfg, db, models_dir=models_dir, margin=margin, val_fraction=val_fraction, lock=lock,
                        promote=promote, progress=progress)

@@ -64,7 +64,7 @@ def _finish_job(s: Session, job_id: int | None) -> None:
     if job_id is None:
         return
     job = s.get(Job, job_id)
-    if job is not None:
+    if job is not None and job.state == "running":  # a job reclaimed from under us stays with its new owner
         job.state, job.finished_at, job.error = "done", utcnow(), None
 
 
@@ -104,7 +104,9 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
     t_end = time.perf_counter()
     result.timings = {"scan": t_scan - t0, "predict": t_predict - t_scan, "store": t_commit - t_predict,
                       "report": t_end - t_commit, "total": t_end - t0}
-    log.info("case %s: %d chromosomes in %d cells, %s, %.2fs (scan %.2f, predict %.2f, store %.2f, report %.2f)",
+    # The watcher logs its own line per case (with the job); a direct call logs here.
+    log.log(logging.DEBUG if job_id is not None else logging.INFO,
+            "case %s: %d chromosomes in %d cells, %s, %.2fs (scan %.2f, predict %.2f, store %.2f, report %.2f)",
              result.case_id, result.n_chromosomes, result.n_cells, result.karyotype, result.timings["total"],
              result.timings["scan"], result.timings["predict"], result.timings["store"], result.timings["report"])
     return result
