@@ -1,0 +1,240 @@
+"""Data loading, the paired sampler, augmentation, training, resume, and `chromobatch train/evaluate` end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from chromobatch import CLASSES
+from chromobatch.cli import app
+from chromobatch.data import (
+    AugmentConfig,
+    PairSampler,
+    augment,
+    load_records,
+    records_from_arrays,
+    split_records,
+)
+from chromobatch.errors import DataError
+from chromobatch.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def blob(k: int, rng: np.random.Generator) -> np.ndarray:
+    """A banded dark bar on white whose length and band period depend on the class: learnable in a few steps."""
+    length = 10 + 2 * k + int(rng.integers(-1, 2))
+    arr = np.full((length + 4, 10), 245, dtype=np.uint8)
+    rows = np.arange(length)
+    shade = np.where((rows // (2 + k % 4)) % 2 == 0, 40, 120).astype(np.uint8)
+    arr[2:-2, 2:-2] = shade[:, None]
+    return arr
+
+
+def blob_records(cells: int, seed: int = 0, split: str = "") -> list:
+    """Records of `cells` cells, each with two homologs of every class."""
+    rng = np.random.default_rng(seed)
+    crops, labels, cell_ids = [], [], []
+    for c in range(cells):
+        for k in range(len(CLASSES)):
+            for _ in range(2):
+                crops.append(blob(k, rng))
+                labels.append(CLASSES[k])
+                cell_ids.append(f"c{c}")
+    return records_from_arrays(crops, labels, patients=cell_ids, cells=cell_ids,
+                               splits=[split] * len(crops) if split else None)  # fmt: skip
+
+
+def tiny_config(**kw: object) -> TrainConfig:
+    base: dict = dict(backbone="test_resnet", input_size=32, embed_dim=32, steps=20, warmup_steps=2, val_every=10,
+                      checkpoint_every=10, log_every=1, patience=0, device="cpu")  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_load_records_from_folder_and_manifest(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(0)
+    rows = ["path,label,patient,cell,split"]
+    for k, name in enumerate(["1", "X", "Y"]):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        img = blob(k, rng)
+        Image.fromarray(img).save(tmp_path / "tree" / name / "a.png")
+        Image.fromarray(255 - img).save(tmp_path / "tree" / name / "b.bmp")  # bright-on-dark: inverted on load
+        rows.append(f"tree/{name}/a.png,{name},p1,p1.1,train")
+        rows.append(f"tree/{name}/b.bmp,chr{name},p2,p2.1,test")
+    (tmp_path / "tree" / "notes").mkdir()
+    (tmp_path / "tree" / "X" / "broken.png").write_bytes(b"not an image")
+    recs = load_records(tmp_path / "tree")
+    assert sorted(CLASSES[r.label] for r in recs) == ["1", "1", "X", "X", "Y", "Y"]
+    a, b = [r for r in recs if r.source.startswith("1/")]
+    assert np.array_equal(a.crop, b.crop)  # polarity detected and undone
+    assert "broken.png" in caplog.text
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    test = load_records(manifest, splits=["test"])
+    assert len(test) == 3 and {r.split for r in test} == {"test"} and test[0].cell_key == "p2/p2.1"
+    manifest.write_text("path,label\ntree/1/a.png,25\n")
+    with pytest.raises(DataError, match="row 2"):
+        load_records(manifest)
+    with pytest.raises(DataError, match="missing column"):
+        (tmp_path / "bad.csv").write_text("file,class\n")
+        load_records(tmp_path / "bad.csv")
+
+
+def test_split_records_honours_split_column_or_holds_out_whole_cells() -> None:
+    recs = blob_records(10)
+    train_r, val_r = split_records(recs, seed=0)
+    assert len(val_r) == 48 and {r.cell for r in val_r}.isdisjoint({r.cell for r in train_r})
+    marked = blob_records(2, split="val") + blob_records(3, split="train")
+    t2, v2 = split_records(marked)
+    assert len(v2) == 96 and len(t2) == 144
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+
+
+def test_sampler_one_image_per_class_and_b2_differs() -> None:
+    recs = blob_records(4)
+    labels = [r.label for r in recs]
+    cells = [r.cell_key for r in recs]
+    sampler = PairSampler(labels, cells, seed=0)
+    for _ in range(50):
+        i1, i2 = sampler.sample()
+        assert [labels[i] for i in i1] == list(range(24))
+        assert [labels[i] for i in i2] == list(range(24))
+        assert all(a != b for a, b in zip(i1, i2, strict=True))
+        assert all(cells[a] == cells[b] for a, b in zip(i1, i2, strict=True))  # the homolog of the same cell
+
+
+def test_sampler_falls_back_to_other_cells_and_rejects_missing_classes(caplog: pytest.LogCaptureFixture) -> None:
+    labels = list(range(24)) * 3 + [23]  # every cell has one of each class; class Y has a 4th image
+    cells = [f"c{i // 24}" for i in range(72)] + ["c9"]
+    sampler = PairSampler(labels, cells, seed=1)
+    i1, i2 = sampler.sample()
+    assert all(a != b and labels[a] == labels[b] for a, b in zip(i1, i2, strict=True))
+    with caplog.at_level(logging.WARNING):
+        single = PairSampler(list(range(24)), seed=0)
+    assert "one training image" in caplog.text
+    s1, s2 = single.sample()
+    assert list(s1) == list(s2) == list(range(24))
+    with pytest.raises(DataError, match="no image of class"):
+        PairSampler(list(range(23)), seed=0)
+
+
+def test_augment_is_batched_random_and_keeps_background() -> None:
+    x = torch.zeros(48, 1, 32, 32)
+    x[:, :, 8:24, 14:18] = 0.8
+    g = torch.Generator().manual_seed(0)
+    y = augment(x, AugmentConfig(), g)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert float(y[:, :, 0, 0].abs().max()) == 0.0  # corners stay background
+    assert not torch.allclose(y[0], y[1])  # every sample perturbed on its own
+    again = augment(x, AugmentConfig(), torch.Generator().manual_seed(0))
+    assert torch.equal(y, again)
+    zero = augment(torch.zeros(4, 1, 16, 16), AugmentConfig())
+    assert float(zero.abs().max()) == 0.0
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def test_tiny_model_trains_and_loss_goes_down(tmp_path: Path) -> None:
+    recs = blob_records(6)
+    res = train(tiny_config(steps=60, lr=3e-3, val_every=30), recs, tmp_path / "m", progress=False)
+    rows = [json.loads(line) for line in res.history_path.read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 60
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    assert all(r["t"] <= 100 for r in rows if "t" in r)
+    assert res.best_val_accuracy is not None and res.best_val_accuracy > 1 / 24
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["training"]["loss"]["lambda_con"] == 1.0 and meta["data"]["train"]["n"] == len(recs) - 48
+    assert meta["preprocess"]["mode"] == "fixed" and meta["metrics"]["val_accuracy"] == res.best_val_accuracy
+
+
+def test_no_scl_baseline_has_no_contrastive_term(tmp_path: Path) -> None:
+    res = train(tiny_config(steps=4, no_scl=True), blob_records(3), tmp_path / "m", progress=False)
+    rows = [json.loads(line) for line in res.history_path.read_text().splitlines()]
+    assert all("con" not in r for r in rows)
+    assert res.final_temperature == pytest.approx(1 / 0.07, rel=1e-5)  # untouched: not a parameter being trained
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    recs = blob_records(3, split="train")  # no validation: the final model is written at the end
+    cfg = dict(warmup_steps=0, min_lr_ratio=1.0, checkpoint_every=6, val_every=1000)
+    train(tiny_config(steps=12, **cfg), recs, tmp_path / "straight", progress=False)
+    train(tiny_config(steps=6, **cfg), recs, tmp_path / "split", progress=False)
+    res = train(tiny_config(steps=12, **cfg), recs, tmp_path / "split", resume=True, progress=False)
+    assert res.steps_done == 12
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def synth_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset from chromobatch.synth (the project's generator)."""
+    from chromobatch.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("synth") / "data", cells=10, seed=3)
+
+
+def test_cli_train_then_evaluate_end_to_end(tmp_path: Path, synth_manifest: Path) -> None:
+    runner = CliRunner()
+    model = tmp_path / "model"
+    r = runner.invoke(app, ["train", "--data", str(synth_manifest), "--out", str(model), "--backbone", "test_resnet",
+                            "--input-size", "32", "--embed-dim", "32", "--steps", "20", "--val-every", "10",
+                            "--checkpoint-every", "10", "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "trained test_resnet: 20 steps" in r.output
+    assert (model / "model.safetensors").is_file() and (model / "checkpoint" / "checkpoint.safetensors").is_file()
+    r = runner.invoke(app, ["train", "--data", str(synth_manifest), "--out", str(model), "--backbone", "test_resnet",
+                            "--input-size", "32", "--embed-dim", "32", "--steps", "24", "--val-every", "10",
+                            "--device", "cpu", "--no-progress", "--resume"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "24 steps" in r.output
+    report, metrics = tmp_path / "report", tmp_path / "metrics.json"
+    r = runner.invoke(app, ["evaluate", "--model", str(model), "--data", str(synth_manifest), "--json", str(metrics),
+                            "--out", str(report)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads(metrics.read_text())
+    assert m["split"] == "test" and m["n"] > 0 and 0 <= m["accuracy"] <= 1
+    assert {"accuracy", "recall_macro", "auc_macro", "per_class"} <= set(m)
+    for name in ("confusion.png", "tsne.png", "cam.png", "report.html"):
+        assert (report / name).is_file(), name
+    r = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "nope"), "--data", str(synth_manifest)])
+    assert r.exit_code == 1 and "error:" in r.output and "nope" in r.output
+    r = runner.invoke(app, ["train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "missing.csv" in r.output
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path: Path, synth_manifest: Path) -> None:
+    """The same `chromobatch train` command under torchrun: DistributedDataParallel over gloo on CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "chromobatch.cli", "train", "--data", str(synth_manifest), "--out", str(tmp_path / "ddp"), "--backbone",
+           "test_resnet", "--input-size", "32", "--embed-dim", "16", "--steps", "2", "--val-every", "2",
+           "--device", "cpu", "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "ddp" / "model.json").read_text())
+    assert meta["training"]["world_size"] == 2 and meta["training"]["images_per_step"] == 96
