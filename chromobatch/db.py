@@ -35,7 +35,17 @@ from .errors import DatabaseError
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def _migrations_dir() -> Path:
+    """The repository's migrations/ in a checkout; the packaged chromobatch.migrations in a wheel install."""
+    repo = Path(__file__).resolve().parent.parent / "migrations"
+    if (repo / "env.py").is_file():
+        return repo
+    return Path(__file__).resolve().parent / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 
 def utcnow() -> datetime:

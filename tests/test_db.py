@@ -97,3 +97,24 @@ def test_postgres_unique_case_id(pg_url: str) -> None:
         with database.session() as s:
             s.add(db.Case(case_id="A1", source_path="/y", meta={}))
     database.dispose()
+
+
+def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
+    """A plain (non-editable) install must be able to run `chromobatch db upgrade`."""
+    import zipfile
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    wheel = next(tmp_path.glob("chromobatch-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"chromobatch/migrations/env.py", "chromobatch/migrations/script.py.mako",
+            "chromobatch/migrations/versions/0001_initial_schema.py"} <= names
+    extracted = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(extracted)
+    code = ("import chromobatch.db as d, sys; x = d.connect(sys.argv[1]); "
+            "assert d.MIGRATIONS_DIR.parent.parent.name == 'site'; print(len(d.table_names(x)))")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "w.sqlite")], cwd=tmp_path,
+                         env={"PYTHONPATH": str(extracted), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "9", run.stderr

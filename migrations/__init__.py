@@ -1,0 +1,1 @@
+"""Alembic migrations of the chromobatch schema (packaged as chromobatch.migrations)."""
