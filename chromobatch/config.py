@@ -70,6 +70,14 @@ def _validate(s: Settings) -> Settings:
     for name in ("batch_size", "workers", "max_attempts"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(s, name)}")
+    for name in ("poll_seconds", "quiet_seconds"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(s, name)}")
+    if not 0 < s.heartbeat_seconds < s.stale_after_seconds:
+        raise ConfigError(f"heartbeat_seconds ({s.heartbeat_seconds}) must be > 0 and below stale_after_seconds "
+                          f"({s.stale_after_seconds}), or running cases would be taken from live workers")
+    if s.max_image_pixels < 16:
+        raise ConfigError(f"max_image_pixels must be >= 16, got {s.max_image_pixels}")
     if not 0.0 <= s.low_confidence <= 1.0:
         raise ConfigError(f"low_confidence must be within 0..1, got {s.low_confidence}")
     return s
@@ -96,6 +104,8 @@ def load_settings(overrides: dict[str, Any] | None = None, config_file: str | Pa
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
         data = data.get("chromobatch", data)
         for key, value in data.items():
             if key not in _FIELDS:

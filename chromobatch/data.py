@@ -10,7 +10,6 @@ B2[k] a different image of class k than B1[k] (its homolog from the same cell wh
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import math
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from chromobatch import CLASSES, NUM_CLASSES, normalise_label
+from chromobatch.csvio import HeaderError, read_table
 from chromobatch.errors import DataError
 from chromobatch.imaging import ImageRejected, load_chromosome, normalise
 from chromobatch.preprocess import PreprocessSpec, chromosome_length, render
@@ -62,15 +62,16 @@ def _decode(path: Path, polarity: str) -> np.ndarray:
 
 def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
     try:
-        with manifest.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            missing = {"path", "label"} - set(header)
-            if missing:
-                raise DataError(f"{manifest}: missing column(s) {', '.join(sorted(missing))} (have {header})")
-            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{manifest}: cannot read manifest: {exc}") from exc
+    try:
+        table = read_table(text, [("path", "label")])
+    except HeaderError as exc:
+        raise DataError(f"{manifest}: {exc}") from None
+    if table.problems:
+        raise DataError(f"{manifest}: {table.problems[0]}")
+    return [row for _, row in table.rows]
 
 
 def _folder_rows(folder: Path) -> list[dict[str, str]]:

@@ -28,7 +28,7 @@ from sqlalchemy import (
     inspect,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from .errors import DatabaseError
@@ -75,7 +75,7 @@ class Case(Base):
     content_sha256: Mapped[str | None] = mapped_column(String(64))
     #: Case summary from the pipeline (counts per cell, modal number, suggested karyotype, flags).
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    karyotype: Mapped[str | None] = mapped_column(String(256))
+    karyotype: Mapped[str | None] = mapped_column(Text)
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
 
     cells: Mapped[list[Cell]] = relationship(back_populates="case", cascade="all, delete-orphan",
@@ -214,9 +214,13 @@ def resolve_url(db: str | Path) -> str:
     text = str(db)
     if "://" in text:
         try:
-            make_url(text)
-        except ArgumentError as exc:
+            url = make_url(text)
+            url.get_dialect()
+        except (ArgumentError, NoSuchModuleError) as exc:
             raise DatabaseError(f"not a valid database URL: {exc}") from exc
+        except ModuleNotFoundError as exc:
+            raise DatabaseError(f"database driver missing: {exc.name}",
+                                hint="Install the PostgreSQL extra: pip install 'chromobatch[postgres]'.") from exc
         return text
     return f"sqlite:///{Path(text).expanduser().resolve()}"
 
@@ -232,7 +236,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
+        # hide_parameters: error messages must never quote row values (patient metadata) into logs.
+        engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
 
         # pysqlite's own transaction handling defers BEGIN; emit it ourselves so that a transaction's
@@ -247,7 +252,7 @@ def make_engine(url: str) -> Engine:
 
         return engine
     try:
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, hide_parameters=True)
     except ModuleNotFoundError as exc:
         raise DatabaseError(f"database driver missing: {exc.name}",
                             hint="Install the PostgreSQL extra: pip install 'chromobatch[postgres]'.") from exc
@@ -262,8 +267,13 @@ def alembic_config(url: str) -> Any:
     return cfg
 
 
+def _shown(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
+    from alembic.util import CommandError
 
     engine = make_engine(url)
     try:
@@ -274,6 +284,11 @@ def upgrade(url: str, revision: str = "head") -> None:
                 # Two workers starting together must not both run the migrations.
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(727274)")
             command.upgrade(cfg, revision)
+    except CommandError as exc:
+        raise DatabaseError(f"cannot migrate {_shown(url)}: {exc}",
+                            hint="Is the database from a newer chromobatch? Upgrade chromobatch first.") from exc
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot open database {_shown(url)}: {getattr(exc, 'orig', None) or exc}") from exc
     finally:
         engine.dispose()
 
@@ -332,9 +347,8 @@ def connect(db: str | Path, *, migrate: bool | None = None) -> Database:
             upgrade(url)
         database = Database(url)
         rev = current_revision(database.engine)
-    except OperationalError as exc:
-        raise DatabaseError(f"cannot open database {make_url(url).render_as_string(hide_password=True)}: "
-                            f"{exc.orig}") from exc
+    except SQLAlchemyError as exc:  # not a database file, server down, wrong credentials, ...
+        raise DatabaseError(f"cannot open database {_shown(url)}: {getattr(exc, 'orig', None) or exc}") from exc
     if rev != head_revision():
         database.dispose()
         raise DatabaseError(f"database schema is at revision {rev or 'empty'}, this chromobatch needs "

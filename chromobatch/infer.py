@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sqlalchemy.exc import IntegrityError
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Settings
@@ -84,9 +85,10 @@ class Predictor:
             active = s.query(ModelVersion).filter_by(status="active").order_by(ModelVersion.id.desc()).first()
             if active is None or active.id == self.version_id:
                 return False
-            model = load_model(active.file, device=self.model.device)
-            if model.sha256 != active.sha256:
-                raise ModelError(f"{active.file}: weights checksum differs from the registered model version")
+        # loaded outside the transaction: on SQLite a session holds the write lock every worker needs
+        model = load_model(active.file, device=self.model.device)
+        if model.sha256 != active.sha256:
+            raise ModelError(f"{active.file}: weights checksum differs from the registered model version")
         log.info("switching to model %s %s", active.name, active.version)
         self.model, self.version_id, self.sha256 = model, active.id, active.sha256
         self.version_name = f"{active.name} {active.version}"
@@ -96,6 +98,17 @@ class Predictor:
 def register_model(database: Database, model: LoadedModel, *, status: str = "candidate",
                    name: str | None = None) -> ModelVersion:
     """Find the model version with these weights, or add it (the first model of a database becomes active)."""
+    try:
+        return _register(database, model, status, name)
+    except IntegrityError:  # another worker registered the same weights at the same moment
+        with database.session() as s:
+            row = s.query(ModelVersion).filter_by(sha256=model.sha256).order_by(ModelVersion.id).first()
+            if row is None:
+                raise
+            return row
+
+
+def _register(database: Database, model: LoadedModel, status: str, name: str | None) -> ModelVersion:
     with database.session() as s:
         row = s.query(ModelVersion).filter_by(sha256=model.sha256).order_by(ModelVersion.id).first()
         if row is not None:

@@ -8,12 +8,13 @@ goes on. Ingest is idempotent: a file whose content is already stored for the ca
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import logging
 import os
 import re
+import stat
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from . import normalise_label
+from .csvio import HeaderError, read_table
 from .db import Case, Cell, Chromosome, Database, Label, RejectedFile, utcnow
 from .errors import EmptyCase, InputError, InvalidCaseId
 from .imaging import MAX_PIXELS, ImageRejected, decode_grey, encode_png, normalise, rescale_to_uint8
@@ -35,6 +37,8 @@ IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg"}
 SIDECAR_NAMES = {"labels.csv", "truth.json", "ready", "ready.txt"}
 SIDECAR_SUFFIXES = {".csv", ".json", ".txt", ".md", ".xml", ".log", ".pdf", ".html"}
 FLAT_CELL = "root"
+#: No chromosome crop is this big; larger files are refused before they are read into memory.
+MAX_FILE_BYTES = 64 * 1024 * 1024
 #: DICOM tags kept as case metadata (what a report and a PACS need; nothing else is stored).
 DICOM_CASE_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
                    "StudyDate", "StudyTime", "StudyID", "StudyInstanceUID", "StudyDescription",
@@ -91,7 +95,16 @@ class IngestResult:
 # Reading files
 
 
+def printable(name: str) -> str:
+    """A file name as it can be stored and shown: undecodable bytes become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _bad_name(name: str) -> str | None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
     if "\\" in name or "/" in name:
         return "file name contains a path separator"
     if ".." in name:
@@ -112,13 +125,34 @@ def _looks_dicom(raw: bytes, name: str) -> bool:
 
 def read_dicom(raw: bytes, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict[str, Any], str, tuple]:
     """One DICOM instance -> (greyscale uint8 array, case tags, cell UID, cell sort key)."""
+    quiet_pydicom()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's value warnings quote tag values (patient data)
+            return _read_dicom(raw, max_pixels)
+    except ImageRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any malformed header is this file's problem, not the case's
+        raise ImageRejected(f"unreadable DICOM header: {type(exc).__name__}") from exc
+
+
+def quiet_pydicom() -> None:
+    """pydicom logs and warns with the offending tag values (patient names, dates): keep them out of logs."""
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
+
+def _read_dicom(raw: bytes, max_pixels: int) -> tuple[np.ndarray, dict[str, Any], str, tuple]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(io.BytesIO(raw), force=raw[128:132] != b"DICM")
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ImageRejected(f"unreadable DICOM: {exc}") from exc
+        raise ImageRejected(f"unreadable DICOM: {type(exc).__name__}: {str(exc)[:120]}") from exc
     if "PixelData" not in ds:
         raise ImageRejected("DICOM instance has no pixel data")
     try:
@@ -183,20 +217,21 @@ def _read_labels(case_dir: Path, scanned: ScannedCase) -> None:
     except (OSError, UnicodeDecodeError) as exc:
         scanned.label_problems.append(f"labels.csv: unreadable ({exc})")
         return
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or not {"file", "label"} <= {f.strip() for f in reader.fieldnames}:
-        scanned.label_problems.append("labels.csv: header must be 'file,label'")
+    try:
+        table = read_table(text, [("file", "label")])
+    except HeaderError as exc:
+        scanned.label_problems.append(f"labels.csv: {exc}")
         return
-    for lineno, row in enumerate(reader, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+    scanned.label_problems += [f"labels.csv {p}" for p in table.problems]
+    for lineno, row in table.rows:
         name = row.get("file", "").replace("\\", "/")
         if not name or name.startswith("/") or ".." in name.split("/"):
-            scanned.label_problems.append(f"labels.csv line {lineno}: bad file name {name!r}")
+            scanned.label_problems.append(f"labels.csv line {lineno}: bad file name {name[:200]!r}")
             continue
         try:
             scanned.labels[name] = normalise_label(row.get("label", ""))
         except ValueError as exc:
-            scanned.label_problems.append(f"labels.csv line {lineno}: {exc}")
+            scanned.label_problems.append(f"labels.csv line {lineno}: {str(exc)[:200]}")
 
 
 def scan_case(case_dir: Path, *, polarity: str = "auto", max_pixels: int = MAX_PIXELS) -> ScannedCase:
@@ -208,9 +243,19 @@ def scan_case(case_dir: Path, *, polarity: str = "auto", max_pixels: int = MAX_P
     root = scanned.path
     seen: dict[str, str] = {}
     kinds: Counter[str] = Counter()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    def unreadable(err: OSError) -> None:
+        where = Path(err.filename or root)
+        rel = where.relative_to(root).as_posix() if where.is_relative_to(root) else str(where)
+        scanned.rejected[rel or "."] = f"cannot read folder: {err.strerror or err}"
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
+        for d in list(dirnames):
+            reason = _bad_name(d)
+            if reason is not None:
+                dirnames.remove(d)
+                scanned.rejected[printable((here / d).relative_to(root).as_posix())] = f"folder skipped: {reason}"
         for d in list(dirnames):
             if (here / d).is_symlink():
                 dirnames.remove(d)
@@ -220,7 +265,7 @@ def scan_case(case_dir: Path, *, polarity: str = "auto", max_pixels: int = MAX_P
                         "symlinked folder points outside the case folder"
         for name in sorted(filenames):
             full = here / name
-            rel = full.relative_to(root).as_posix()
+            rel = printable(full.relative_to(root).as_posix())
             if name.startswith(".") or _is_sidecar(name):
                 continue
             reason = _bad_name(name)
@@ -249,6 +294,11 @@ def _read_one(full: Path, rel: str, root: Path, here: Path, scanned: ScannedCase
               kinds: Counter[str], polarity: str, max_pixels: int) -> str | None:
     """Decode one file into scanned.accepted; return a rejection reason instead of raising."""
     try:
+        st = full.stat()
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file (a pipe, device or socket)"
+        if st.st_size > MAX_FILE_BYTES:
+            return f"file too large ({st.st_size} bytes; limit {MAX_FILE_BYTES})"
         raw = full.read_bytes()
     except OSError as exc:
         return f"cannot read file: {exc.strerror or exc}"
@@ -332,6 +382,9 @@ def store_in_session(s: Session, scanned: ScannedCase, *, status: str = "ingeste
     case.input_format = scanned.input_format
     meta = dict(case.meta or {})
     meta.update(scanned.meta)
+    meta.pop("label_problems", None)
+    if scanned.label_problems:
+        meta["label_problems"] = scanned.label_problems[:100]
     case.meta = meta
     cells = {c.name: c for c in case.cells}
     existing = {sha: file for sha, file in
@@ -390,8 +443,8 @@ def _import_labels(s: Any, case: Case, scanned: ScannedCase) -> int:
                 scanned.label_problems.append(f"labels.csv: {file} is not a stored chromosome of the case")
             continue
         current = current_label(s, chrom.id)
-        if current is not None and current.label == label:
-            continue
+        if current is not None and (current.label == label or current.source == "reviewed"):
+            continue  # a reviewer's decision is never overridden by a re-imported labels.csv
         s.add(Label(chromosome_id=chrom.id, label=label, source="imported", reviewer=None,
                     supersedes_id=current.id if current else None))
         imported += 1

@@ -21,7 +21,7 @@ from . import CLASSES
 from .assign import DEFAULT_GAIN_PENALTY, assign_cell
 from .config import Settings
 from .db import Case, Cell, Chromosome, Database, Job, ModelVersion, Prediction, utcnow
-from .errors import ChromobatchError
+from .errors import JobError
 from .imaging import decode_png
 from .infer import Predictor, load_predictor
 from .ingest import ScannedCase, raise_if_empty, scan_case, store_in_session
@@ -45,11 +45,17 @@ class ProcessResult:
     rejected: dict[str, str] = field(default_factory=dict)
 
 
-def _cell_medians(scanned: ScannedCase) -> dict[str, float]:
-    lengths: dict[str, list[float]] = defaultdict(list)
+def _cell_medians(s: Session, scanned: ScannedCase) -> dict[str, float]:
+    """Median chromosome length per cell over everything the cell holds: stored earlier and in the folder."""
+    lengths: dict[str, dict[str, float]] = defaultdict(dict)
+    rows = (s.query(Cell.name, Chromosome.sha256, Chromosome.width, Chromosome.height)
+            .join(Chromosome, Chromosome.cell_id == Cell.id).join(Case, Case.id == Cell.case_pk)
+            .filter(Case.case_id == scanned.case_id))
+    for cell, sha, w, h in rows:
+        lengths[cell][sha] = float(max(w, h))
     for a in scanned.accepted:
-        lengths[a.cell].append(chromosome_length(a.crop))
-    return {cell: float(np.median(v)) for cell, v in lengths.items()}
+        lengths[a.cell][a.sha256] = chromosome_length(a.crop)
+    return {cell: float(np.median(list(v.values()))) for cell, v in lengths.items()}
 
 
 def _already_done(s: Session, scanned: ScannedCase, predictor: Predictor) -> Case | None:
@@ -60,41 +66,48 @@ def _already_done(s: Session, scanned: ScannedCase, predictor: Predictor) -> Cas
     return case if {a.sha256 for a in scanned.accepted} <= stored else None
 
 
-def _finish_job(s: Session, job_id: int | None) -> None:
+def _finish_job(s: Session, job_id: int | None, worker: str | None) -> None:
+    """Mark the job done in the results' transaction, only if it is still ours (else roll everything back)."""
     if job_id is None:
         return
-    job = s.get(Job, job_id)
-    if job is not None and job.state == "running":  # a job reclaimed from under us stays with its new owner
-        job.state, job.finished_at, job.error = "done", utcnow(), None
+    job = s.get(Job, job_id, with_for_update=s.bind.dialect.name == "postgresql")
+    if job is None or job.state != "running" or (worker is not None and job.worker != worker):
+        raise JobError(f"job {job_id} was taken over by another worker; this worker's results are discarded")
+    job.state, job.finished_at, job.error = "done", utcnow(), None
 
 
 def process_case(database: Database, case_dir: Path, *, predictor: Predictor, settings: Settings,
-                 force: bool = False, job_id: int | None = None, reports_dir: Path | None = None,
-                 gain_penalty: float = DEFAULT_GAIN_PENALTY) -> ProcessResult:
-    """Process one case folder; a bad case raises a ChromobatchError (its rejections are recorded first)."""
+                 force: bool = False, job_id: int | None = None, job_worker: str | None = None,
+                 reports_dir: Path | None = None, gain_penalty: float = DEFAULT_GAIN_PENALTY) -> ProcessResult:
+    """Process one case folder; a bad case raises a ChromobatchError (its rejections are recorded first).
+
+    job_id/job_worker: the watcher's claimed job, marked done in the same transaction as the results.
+    """
     t0 = time.perf_counter()
     scanned = scan_case(Path(case_dir), polarity=settings.polarity, max_pixels=settings.max_image_pixels)
+    for problem in scanned.label_problems:
+        log.warning("case %s: %s", scanned.case_id, problem)
     t_scan = time.perf_counter()
     with database.session() as s:
         done = None if force else _already_done(s, scanned, predictor)
         if done is not None:
-            _finish_job(s, job_id)
+            store_in_session(s, scanned, status="done")  # a corrected labels.csv or new rejections still count
+            _finish_job(s, job_id, job_worker)
             log.info("case %s: already processed with this model and content; skipped", scanned.case_id)
             return ProcessResult(case_id=scanned.case_id, status="skipped", karyotype=done.karyotype,
                                  rejected=dict(scanned.rejected))
-    medians = _cell_medians(scanned)
-    use_cell = predictor.model.spec.mode == "cell"
+        medians = _cell_medians(s, scanned) if predictor.model.spec.mode == "cell" else {}
     probs = predictor.predict([a.crop for a in scanned.accepted],
-                              [medians[a.cell] if use_cell else None for a in scanned.accepted])
+                              [medians.get(a.cell) for a in scanned.accepted] if medians else None)
     by_sha = {a.sha256: p for a, p in zip(scanned.accepted, probs, strict=True)}
     t_predict = time.perf_counter()
     with database.session() as s:
         ingest = store_in_session(s, scanned, status="processing")
         if ingest.added + ingest.already_stored == 0:
-            _fail_case(s, ingest.case_pk, "no valid chromosome image in the case", job_id)
+            _fail_case(s, ingest.case_pk, "no valid chromosome image in the case")
         else:
             result = _predict_and_summarise(s, ingest.case_pk, predictor, settings, by_sha, force, gain_penalty)
-            _finish_job(s, job_id)
+            _finish_job(s, job_id, job_worker)
     if ingest.added + ingest.already_stored == 0:
         raise_if_empty(ingest, scanned)
     t_commit = time.perf_counter()
@@ -112,7 +125,7 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
     return result
 
 
-def _fail_case(s: Session, case_pk: int, error: str, job_id: int | None) -> None:
+def _fail_case(s: Session, case_pk: int, error: str) -> None:
     case = s.get(Case, case_pk)
     if case is not None:
         case.status, case.error = "failed", error
@@ -135,7 +148,7 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
         missing = [c for c in chroms if c.sha256 not in by_sha and (force or c.id not in existing)]
         if missing:  # stored earlier, not in this folder: predict from the stored crops
             crops = [decode_png(c.crop_png) for c in missing]
-            med = float(np.median([chromosome_length(x) for x in crops]))
+            med = float(np.median([max(c.width, c.height) for c in chroms]))
             use_cell = predictor.model.spec.mode == "cell"
             for c, p in zip(missing, predictor.predict(crops, [med if use_cell else None] * len(crops)), strict=True):
                 by_sha[c.sha256] = p
@@ -185,9 +198,12 @@ def _render_report(database: Database, case_id: str, reports_dir: Path) -> Path 
     try:
         reports_dir.mkdir(parents=True, exist_ok=True)
         return render_case_report(database, case_id, reports_dir=reports_dir).pdf
-    except (ChromobatchError, OSError, ValueError) as exc:
-        log.error("case %s: report rendering failed: %s", case_id, exc)
-        with database.session() as s:
-            case = s.query(Case).filter_by(case_id=case_id).one()
-            case.error = f"report rendering failed: {exc}"
+    except Exception as exc:  # noqa: BLE001 - the committed results must stand whatever the renderer does
+        log.error("case %s: report rendering failed: %s", case_id, type(exc).__name__ + ": " + str(exc)[:200])
+        try:
+            with database.session() as s:
+                case = s.query(Case).filter_by(case_id=case_id).one()
+                case.error = f"report rendering failed: {type(exc).__name__}: {str(exc)[:500]}"
+        except Exception:  # noqa: BLE001
+            log.exception("case %s: could not record the report failure", case_id)
         return None

@@ -12,8 +12,6 @@ stores them), or its source file path / file name.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +21,7 @@ from sqlalchemy import func
 from sqlalchemy.orm import Session
 
 from . import normalise_label
+from .csvio import HeaderError, read_table
 from .db import Case, Cell, Chromosome, Database, Label, Prediction, utcnow
 from .errors import CaseNotFound, ChromobatchError, InputError
 
@@ -222,12 +221,13 @@ def _read_corrections(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise CorrectionsFileError(f"{path}: cannot read: {exc}") from exc
-    reader = csv.DictReader(io.StringIO(text))
-    header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
-    if not ({"file", "label"} <= set(header) or {"cell", "chromosome", "label"} <= set(header)):
-        raise CorrectionsFileError(f"{path}: header must be 'file,label' or 'cell,chromosome,label', got {header}")
-    rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
-    return header, rows
+    try:
+        table = read_table(text, [("file", "label"), ("cell", "chromosome", "label")])
+    except HeaderError as exc:
+        raise CorrectionsFileError(f"{path}: {exc}") from None
+    if table.problems:
+        raise CorrectionsFileError(f"{path}: {table.problems[0]}; nothing was changed")
+    return table.header, [row for _, row in table.rows]
 
 
 def import_corrections(database: Database, case_id: str, path: Path, *, reviewer: str) -> list[LabelChange]:

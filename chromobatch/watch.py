@@ -91,7 +91,10 @@ def resolve_paths(incoming: str | Path, settings: Settings, reports_dir: str | P
 
 def move_case(folder: Path, dest_root: Path) -> Path | None:
     """Move a case folder under dest_root, adding `.N` on a name clash; None when the folder is gone."""
-    dest_root.mkdir(parents=True, exist_ok=True)
+    try:
+        dest_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError(f"cannot create {dest_root}: {exc.strerror or exc}") from exc
     for n in range(10_000):
         target = dest_root / (folder.name if n == 0 else f"{folder.name}.{n}")
         if os.path.lexists(target):
@@ -108,9 +111,22 @@ def move_case(folder: Path, dest_root: Path) -> Path | None:
                 raise JobError(f"cannot move {folder} to {target}: {exc.strerror}") from exc
             if not folder.exists():
                 return None
-            shutil.move(str(folder), str(target))  # another file system: copy, then remove the source
-            return target
+            return _move_across_filesystems(folder, target)
     raise JobError(f"cannot move {folder}: 10000 folders named {folder.name}.N already in {dest_root}")
+
+
+def _move_across_filesystems(folder: Path, target: Path) -> Path:
+    """Copy under a hidden name, rename into place, then remove the source: a kill leaves no half folder."""
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp, symlinks=True)
+        os.rename(tmp, target)
+        shutil.rmtree(folder)
+    except (OSError, shutil.Error) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise JobError(f"cannot move {folder} to {target}: {exc}") from exc
+    return target
 
 
 def _write_error_file(folder: Path, message: str) -> None:
@@ -555,7 +571,7 @@ class Worker:
         with _Heartbeat(self.database, job.id, self.name, self.settings.heartbeat_seconds):
             try:
                 result = self.process(self.database, folder, predictor=self.predictor, settings=self.settings,
-                                      job_id=job.id, reports_dir=self.paths.reports)
+                                      job_id=job.id, job_worker=self.name, reports_dir=self.paths.reports)
             except Exception as exc:  # noqa: BLE001 - a bad case or a bug must not kill the watcher
                 self._failed(job, folder, exc, time.perf_counter() - t0)
                 return
@@ -589,6 +605,9 @@ class Worker:
         elif state == "queued":
             log.warning("case %s: attempt failed after %.2fs, will retry: %s %s", job.case_id, elapsed, error,
                         where)
+        elif state == "done":  # the results were committed before the error: the case is finished
+            self._move(folder, self.paths.processed, job.case_id)
+            log.warning("case %s: done, but a later step failed: %s %s", job.case_id, error, where)
         else:
             log.warning("case %s: attempt failed (%s) but the job is no longer ours (%s) %s", job.case_id,
                         error, state, where)

@@ -34,6 +34,8 @@ def test_table_form_and_env_config_path(tmp_path: Path, monkeypatch: pytest.Monk
     ("polarity = 'sideways'\n", "polarity"),
     ("batch_size = 0\n", ">= 1"),
     ("db = [\n", "not valid TOML"),
+    ("heartbeat_seconds = 60\nstale_after_seconds = 30\n", "below stale_after_seconds"),
+    ("quiet_seconds = -1\n", "quiet_seconds must be >= 0"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, content: str, match: str) -> None:
     cfg = tmp_path / "c.toml"

@@ -314,3 +314,79 @@ def test_real_g612_and_bioimlab_cells(sqlite_path: Path, tmp_path: Path) -> None
         polarities = {c.case_pk: c.polarity for c in s.query(db.Chromosome)}
         assert set(polarities.values()) == {"dark_on_light", "bright_on_dark"}
     database.dispose()
+
+
+def test_nasty_files_are_rejected_not_fatal(sqlite_path: Path, tmp_path: Path) -> None:
+    case = tmp_path / "NASTY"
+    write_png(case / "c1" / "ok.png", chromosome_array(40))
+    os.mkfifo(case / "c1" / "pipe.png")  # reading it would block forever
+    write_png(case / "c1" / "s.png", chromosome_array(30, seed=2))
+    os.rename(case / "c1" / "s.png", os.fsencode(case / "c1") + b"/bad\xffname.png")
+    write_dicom(case / "c1" / "hdr.dcm", chromosome_array(33, seed=3), series_uid="1.2")
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = pydicom.dcmread(case / "c1" / "hdr.dcm")
+    ds[0x00200011] = RawDataElement(Tag(0x00200011), "IS", 4, b"abc ", 0, False, True)  # SeriesNumber
+    ds.save_as(case / "c1" / "hdr.dcm")
+    write_dicom(case / "c1" / "norows.dcm", chromosome_array(34, seed=4), series_uid="1.2")
+    ds = pydicom.dcmread(case / "c1" / "norows.dcm")
+    del ds.Rows
+    ds.save_as(case / "c1" / "norows.dcm")
+    (case / "labels.csv").write_text("file,label\nc1/ok.png,1,extra\n" + "c1/x.png," + "9" * 200_000 + "\n")
+    scanned = scan_case(case)
+    rejected = {k.encode("utf-8", "surrogateescape").decode("utf-8", "replace"): v
+                for k, v in scanned.rejected.items()}
+    assert "not a regular file" in rejected["c1/pipe.png"]
+    assert any("not valid UTF-8" in v for v in rejected.values())
+    assert "unreadable DICOM header" in scanned.rejected["c1/hdr.dcm"]
+    assert "unreadable DICOM" in scanned.rejected["c1/norows.dcm"]
+    assert [a.file for a in scanned.accepted] == ["c1/ok.png"]
+    assert any("3 fields" in p for p in scanned.label_problems) and scanned.labels == {}
+    database = db.connect(sqlite_path)
+    from chromobatch.ingest import store_scanned
+
+    assert store_scanned(database, scanned).added == 1  # the rest of the case is stored
+    database.dispose()
+
+
+def test_patient_identifiers_stay_out_of_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                              capfd: pytest.CaptureFixture[str]) -> None:
+    import pydicom
+
+    case = tmp_path / "PHI"
+    path = write_dicom(case / "a.dcm", chromosome_array(33), series_uid="1.2", patient_id="PID-SECRET-42")
+    ds = pydicom.dcmread(path)
+    ds.PatientBirthDate = "1980-01-01"
+    ds.PatientName = "DOE^JANE"
+    ds.save_as(path)
+    caplog.set_level("DEBUG")
+    scanned = scan_case(case)
+    assert scanned.meta["dicom"]["PatientID"] == "PID-SECRET-42"
+    out, err = capfd.readouterr()
+    text = caplog.text + out + err
+    assert "1980-01-01" not in text and "DOE" not in text and "PID-SECRET-42" not in text
+
+
+def test_reingest_never_overrides_a_reviewed_label(sqlite_path: Path, simple_case: Path) -> None:
+    database = db.connect(sqlite_path)
+    ingest_case(database, simple_case)
+    with database.session() as s:
+        chrom = s.query(db.Chromosome).filter_by(source_file="cell01/c00.png").one()
+        s.add(db.Label(chromosome_id=chrom.id, label="2", source="reviewed", reviewer="dr.k",
+                       supersedes_id=chrom.labels[-1].id))
+    ingest_case(database, simple_case)
+    with database.session() as s:
+        chrom = s.query(db.Chromosome).filter_by(source_file="cell01/c00.png").one()
+        assert [(lab.label, lab.source) for lab in chrom.labels] == [("1", "imported"), ("2", "reviewed")]
+    database.dispose()
+
+
+def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.sqlite"
+    bogus.write_text("this is not SQLite")
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path), "--db", str(bogus)])
+    assert result.exit_code == 1 and "cannot open database" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["db", "upgrade", "--db", "nosuch://x"])
+    assert result.exit_code == 1 and "not a valid database URL" in result.output

@@ -100,7 +100,7 @@ def test_load_records_from_folder_and_manifest(tmp_path: Path, caplog: pytest.Lo
     manifest.write_text("path,label\ntree/1/a.png,25\n")
     with pytest.raises(DataError, match="row 2"):
         load_records(manifest)
-    with pytest.raises(DataError, match="missing column"):
+    with pytest.raises(DataError, match="header must hold the columns"):
         (tmp_path / "bad.csv").write_text("file,class\n")
         load_records(tmp_path / "bad.csv")
 

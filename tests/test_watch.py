@@ -253,7 +253,7 @@ def test_retries_then_failed_and_bad_input_fails_at_once(sqlite_path: Path, layo
 
 
 def test_invalid_name_and_folder_left_behind(sqlite_path: Path, layout: SimpleNamespace) -> None:
-    settings = settings_for(sqlite_path, stale_after_seconds=0.0, quiet_seconds=0.0)
+    settings = settings_for(sqlite_path, stale_after_seconds=0.001, heartbeat_seconds=0.0005, quiet_seconds=0.0)
     database = db.connect(sqlite_path)
     paths = resolve_paths(layout.incoming, settings)
     with pytest.raises(InvalidCaseId):
@@ -280,7 +280,7 @@ def test_invalid_name_and_folder_left_behind(sqlite_path: Path, layout: SimpleNa
 
 def test_sigterm_finishes_the_current_case(sqlite_path: Path, layout: SimpleNamespace) -> None:
     """In-process watch(): the signal arrives mid-case; that case completes, the rest stays queued."""
-    settings = settings_for(sqlite_path, quiet_seconds=0.0)
+    settings = settings_for(sqlite_path, stale_after_seconds=0.001, heartbeat_seconds=0.0005, quiet_seconds=0.0)
     for i in range(3):
         make_case(layout.incoming, f"T{i}", n=1, ready=True)
     seen: list[str] = []
