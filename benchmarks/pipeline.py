@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import cpu_name  # noqa: E402
+
 from chromobatch import db  # noqa: E402
 from chromobatch.config import load_settings  # noqa: E402
 from chromobatch.infer import DEFAULT_MODEL_DIR  # noqa: E402
@@ -38,16 +39,6 @@ from chromobatch.modelio import load_model  # noqa: E402
 from chromobatch.pipeline import load_predictor, process_case  # noqa: E402
 from chromobatch.preprocess import render  # noqa: E402
 from chromobatch.synth import generate_case, generate_cases  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def raw_forward(model_dir: Path, cases: list[Path], batch_size: int, device: str, repeats: int) -> tuple[float, int]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,20 +25,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import cpu_name  # noqa: E402
+
 from chromobatch import CLASSES, db  # noqa: E402
 from chromobatch.imaging import encode_png, normalise  # noqa: E402
 from chromobatch.report import render_case_report  # noqa: E402
 from chromobatch.synth import render_cell  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build_case(database: db.Database, cells: int, seed: int = 0) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,21 +24,13 @@ from sqlalchemy import insert, select
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import cpu_name  # noqa: E402
+
 from chromobatch import CLASSES, db  # noqa: E402
 from chromobatch.imaging import encode_png  # noqa: E402
 from chromobatch.retrain import build_training_set  # noqa: E402
 
 TARGET_S = 30.0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def crop_pool(size: int = 256, seed: int = 0) -> list[bytes]:
