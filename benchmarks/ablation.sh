@@ -24,17 +24,18 @@ BIO=$DATA/bioimlab/manifest.csv
 RUNLIST=(
   "g612-resnet18-scl|$G612|--backbone resnet18 --steps 800"
   "g612-resnet18-plain|$G612|--backbone resnet18 --steps 800 --no-scl"
-  "bio-resnet18-scl|$BIO|--backbone resnet18 --steps 500"
-  "bio-resnet18-plain|$BIO|--backbone resnet18 --steps 500 --no-scl"
+  "g612-resnet18-scl-code|$G612|--backbone resnet18 --steps 800 --variant code"
+  "bio-resnet18-scl|$BIO|--backbone resnet18 --steps 500 --rotate 180"
+  "bio-resnet18-plain|$BIO|--backbone resnet18 --steps 500 --no-scl --rotate 180"
   "g612-mnv3-scl|$G612|--backbone mobilenetv3_large_100 --steps 800"
   "g612-mnv3-plain|$G612|--backbone mobilenetv3_large_100 --steps 800 --no-scl"
   "g612-resnet18-plain-fit|$G612|--backbone resnet18 --steps 800 --no-scl --preprocess fit"
   "g612-resnet18-scl-cell|$G612|--backbone resnet18 --steps 800 --preprocess cell"
-  "g612-resnet18-scl-code|$G612|--backbone resnet18 --steps 800 --variant code"
-  "bio-mnv3-scl|$BIO|--backbone mobilenetv3_large_100 --steps 500"
-  "bio-mnv3-plain|$BIO|--backbone mobilenetv3_large_100 --steps 500 --no-scl"
   "g612-resnet18-plain-cell|$G612|--backbone resnet18 --steps 800 --no-scl --preprocess cell"
-  "g612-resnet18-plain-rot15|$G612|--backbone resnet18 --steps 800 --no-scl --rotate 15"
+  "bio-mnv3-scl|$BIO|--backbone mobilenetv3_large_100 --steps 500 --rotate 180"
+  "bio-mnv3-plain|$BIO|--backbone mobilenetv3_large_100 --steps 500 --no-scl --rotate 180"
+  "g612-resnet18-scl-rot180|$G612|--backbone resnet18 --steps 800 --rotate 180"
+  "g612-resnet18-plain-rot180|$G612|--backbone resnet18 --steps 800 --no-scl --rotate 180"
 )
 
 table() {
@@ -79,8 +80,8 @@ run_one() {
         --split test --json "$out/eval-$ev.json" >"$out/eval-$ev.log" 2>&1
     fi
   done
-  echo "[$(date -u +%FT%TZ)] done $name: $(head -1 "$out/eval-g612.log") | bioimlab: $(head -1 "$out/eval-bioimlab.log")" \
-    | tee -a "$RUNS/log"
+  echo "[$(date -u +%FT%TZ)] done $name: g612 $(grep -h 'images: accuracy' "$out/eval-g612.log") | bioimlab:" \
+    "$(grep -h 'images: accuracy' "$out/eval-bioimlab.log")" | tee -a "$RUNS/log"
 }
 
 if [ "${1:-}" = "table" ]; then

@@ -522,9 +522,12 @@ def train(
     = 5,
     preprocess: Annotated[str, typer.Option("--preprocess", help="fixed, cell or fit (see docs/results.md).")]
     = "fixed",
+    orient: Annotated[str, typer.Option("--orient", help="none, or upright: turn each crop's long axis vertical "
+                                                          "before the model (crops cut at any angle).")] = "none",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     variant: Annotated[str, typer.Option(help="paper (the text) or code (the authors' public code).")] = "paper",
-    rotate: Annotated[float, typer.Option(help="Random rotation augmentation range in degrees (+-).")] = 180.0,
+    rotate: Annotated[float, typer.Option(help="Random rotation augmentation in degrees (+-); 180 for crops in "
+                                               "metaphase orientation.")] = 15.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     db: Annotated[str | None, typer.Option("--db", help="Train from this database's reviewed/imported labels "
                                                         "instead of --data; registers (and may promote) the model.")]
@@ -558,7 +561,8 @@ def train(
                                "--models-dir/<name>-<timestamp>")
     if data is not None and out is None:
         raise ChromobatchError("--data needs --out (the model folder to write)")
-    cfg = TrainConfig(backbone=backbone, input_size=input_size, embed_dim=embed_dim, steps=steps, no_scl=no_scl,
+    cfg = TrainConfig(orient=orient, backbone=backbone, input_size=input_size, embed_dim=embed_dim, steps=steps,
+                      no_scl=no_scl,
                       lambda_con=lambda_con, lambda_cls=lambda_cls, lr=lr, seed=seed, preprocess=preprocess,
                       checkpoint_every=checkpoint_every, val_every=val_every, patience=patience, device=device,
                       variant=variant, augment=AugmentConfig(rotate_deg=rotate))

@@ -166,9 +166,14 @@ def claim(database: Database, worker: str) -> ClaimedJob | None:
 
 
 def heartbeat(database: Database, job_id: int, worker: str) -> bool:
-    """Refresh a running job's heartbeat; False when the job is no longer ours (reclaimed or finished)."""
+    """Refresh a running job's heartbeat; False when the job is no longer ours (reclaimed meanwhile).
+
+    A job this worker already marked done (the pipeline commits that with the results, before the report
+    is rendered) still counts as ours.
+    """
     with database.session() as s:
-        res = s.execute(update(Job).where(Job.id == job_id, Job.state == "running", Job.worker == worker[:128])
+        res = s.execute(update(Job).where(Job.id == job_id, Job.state.in_(("running", "done")),
+                                          Job.worker == worker[:128])
                         .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False))
         return res.rowcount == 1
 

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from chromobatch.errors import ModelError
+from chromobatch.orient import upright
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,16 @@ class PreprocessSpec:
     input_polarity: str = "dark_on_light"
     #: tensor convention: background-subtracted darkness, stretched so the darkest pixel is 1.
     value: str = "ink_stretched"
+    #: "upright": turn the crop's long axis vertical first (orient.upright), for crops cut at any angle;
+    #: "none": take the crop as it comes (karyogram crops are upright already).
+    orient: str = "none"
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ModelError(f"unknown preprocessing mode {self.mode!r} (expected one of {', '.join(MODES)})")
+        if self.orient not in ("none", "upright"):
+            raise ModelError(f"unknown orientation {self.orient!r} (expected none or upright)")
         if self.input_size < 8:
             raise ModelError(f"input_size {self.input_size} is too small (at least 8)")
         if not (self.scale > 0 and self.cell_fraction > 0 and 0 < self.max_fill <= 1):
@@ -100,6 +106,8 @@ def render(crop: np.ndarray, spec: PreprocessSpec, cell_median_length: float | N
     arr = np.asarray(crop)
     if arr.ndim != 2 or arr.size == 0:
         raise ValueError(f"expected a non-empty 2-D crop, got shape {arr.shape}")
+    if spec.orient == "upright":
+        arr = upright(arr)[0]
     arr = arr.astype(np.float32)
     h, w = arr.shape
     size = spec.input_size

@@ -60,6 +60,8 @@ class TrainConfig:
     input_size: int = 96
     embed_dim: int = 1024
     preprocess: str = "fixed"
+    #: none | upright (see PreprocessSpec.orient)
+    orient: str = "none"
     scale: float | None = None  # fixed-mode scale; None = chosen from the training crops (choose_scale)
     steps: int = 2000
     steps_per_epoch: int = 200
@@ -327,13 +329,15 @@ def _train(
             raise ModelError(f"{ckpt_dir}: no checkpoint to resume from", hint="Run without --resume first.")
         ckpt = _load_checkpoint(ckpt_dir)
         old = ckpt[1]["config"]
-        for key in ("backbone", "input_size", "embed_dim", "preprocess", "variant", "no_scl"):
-            if old.get(key) != getattr(cfg, key):
-                raise ConfigError(f"--resume: {key} was {old.get(key)!r} in {ckpt_dir}, now {getattr(cfg, key)!r}")
+        for key in ("backbone", "input_size", "embed_dim", "preprocess", "orient", "variant", "no_scl"):
+            before = old.get(key, "none" if key == "orient" else None)  # checkpoints older than --orient
+            if before != getattr(cfg, key):
+                raise ConfigError(f"--resume: {key} was {before!r} in {ckpt_dir}, now {getattr(cfg, key)!r}")
         spec = PreprocessSpec.from_dict(ckpt[1]["preprocess"])
     else:
         scale = cfg.scale or choose_scale((chromosome_length(r.crop) for r in train_recs), cfg.input_size)
-        spec = PreprocessSpec(mode=cfg.preprocess, input_size=cfg.input_size, scale=round(scale, 6))
+        spec = PreprocessSpec(mode=cfg.preprocess, input_size=cfg.input_size, scale=round(scale, 6),
+                              orient=cfg.orient)
 
     t_prep = time.perf_counter()
     train_set = prepare(train_recs, spec)
