@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from safetensors.torch import load_file, save_file
 import chromobatch
 from chromobatch import CLASSES, NUM_CLASSES
 from chromobatch.errors import ModelError
+from chromobatch.files import atomic_write
 from chromobatch.model import ChromosomeNet, create_model
 from chromobatch.preprocess import PreprocessSpec, render, to_tensor
 
@@ -43,19 +42,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temporary file in the same folder, then rename: a crash never leaves half a model."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; model files are meant to be shared read-only
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_model(net: ChromosomeNet, meta: dict[str, Any], folder: str | Path, *, half: bool = False) -> Path:
@@ -90,8 +76,8 @@ def save_model(net: ChromosomeNet, meta: dict[str, Any], folder: str | Path, *, 
             "weights_dtype": "float16" if half else "float32",
         }
     )
-    _atomic_write(folder / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-    _atomic_write(folder / META, lambda p: p.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n"))
+    atomic_write(folder / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    atomic_write(folder / META, lambda p: p.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n"))
     return folder
 
 

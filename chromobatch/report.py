@@ -15,7 +15,6 @@ import functools
 import importlib.util
 import io
 import logging
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from . import CLASSES, __version__
 from .db import Case, Cell, Chromosome, Database, Label, ModelVersion, Prediction
 from .errors import CaseNotFound, ConfigError
+from .files import atomic_write
 from .imaging import decode_png
 from .orient import background_level, upright
 
@@ -740,14 +740,6 @@ def _numbered_canvas(font: str) -> Any:
     return NumberedCanvas
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a hidden temp file and rename, so a watcher or PACS sender never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def build_pdf(view: CaseView, karyograms: list[tuple[CellView, Karyogram, bytes]]) -> tuple[bytes, int]:
     """The report as PDF bytes and its page count: portrait summary, landscape karyogram pages."""
     from reportlab.lib.units import mm
@@ -830,7 +822,7 @@ def write_encapsulated_pdf(pdf: bytes, view: CaseView, path: Path, *, title: str
     ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    _write_atomic(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -878,10 +870,10 @@ def render_case_report(
             buf = io.BytesIO()
             kg.image.save(buf, format="PNG", compress_level=3)
             target = Path(png_dir) / f"{pdf_path.stem}_cell{cell.number}.png"
-            _write_atomic(target, buf.getvalue())
+            atomic_write(target, buf.getvalue())
             pngs.append(target)
     pdf, pages = build_pdf(view, karyograms)
-    _write_atomic(pdf_path, pdf)
+    atomic_write(pdf_path, pdf)
     dicom_path = None
     if view.is_dicom:
         dicom_path = write_encapsulated_pdf(pdf, view, pdf_path.with_suffix(".dcm"),

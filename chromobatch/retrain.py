@@ -39,6 +39,7 @@ from . import CLASS_INDEX, CLASSES
 from .data import Record
 from .db import Case, Chromosome, Database, Label, ModelVersion, utcnow
 from .errors import ChromobatchError, DataError, ModelError
+from .files import atomic_write
 from .imaging import decode_png
 
 log = logging.getLogger(__name__)
@@ -393,9 +394,7 @@ def _write_identity(folder: Path, name: str, version: str, extra: dict[str, Any]
     meta = json.loads(path.read_text())
     meta.update(name=name, version=version)
     meta.setdefault("training", {})["database"] = extra
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def _dist_init(device: str) -> tuple[int, int, bool]:

@@ -41,9 +41,10 @@ from chromobatch.data import (
     split_records,
 )
 from chromobatch.errors import ConfigError, DataError, ModelError
+from chromobatch.files import atomic_write
 from chromobatch.losses import LossConfig, total_loss
 from chromobatch.model import ChromosomeNet, create_model
-from chromobatch.modelio import _atomic_write, save_model
+from chromobatch.modelio import save_model
 from chromobatch.preprocess import MODES, PreprocessSpec, choose_scale, chromosome_length, to_tensor
 
 log = logging.getLogger(__name__)
@@ -246,8 +247,8 @@ def _save_checkpoint(
         tensors["rng/cuda"] = torch.cuda.get_rng_state(net.logit_scale.device)
     meta = dict(state)
     meta["optimizer"] = {"param_groups": osd["param_groups"], "scalars": scalars}
-    _atomic_write(folder / "checkpoint.safetensors", lambda p: save_file(tensors, str(p)))
-    _atomic_write(folder / "state.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    atomic_write(folder / "checkpoint.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write(folder / "state.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
 
 
 def _load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -548,4 +549,4 @@ def _record_run_stats(out: Path, seconds: float, ips: float, steps_done: int) ->
         "seconds": round(seconds, 1),
         "train_images_per_second": round(ips, 1),
     }
-    _atomic_write(path, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
