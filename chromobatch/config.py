@@ -38,6 +38,9 @@ class Settings:
     stale_after_seconds: float = 60.0
     max_attempts: int = 3
     low_confidence: float = 0.5
+    #: Karyotype-aware assignment: cost (nats) of a third copy, and of an empty autosome/first-X slot.
+    gain_penalty: float = 2.0
+    loss_penalty: float = 2.0
     max_image_pixels: int = 4096 * 4096
     log_level: str = "INFO"
 
@@ -76,6 +79,8 @@ def _validate(s: Settings) -> Settings:
     if not 0 < s.heartbeat_seconds < s.stale_after_seconds:
         raise ConfigError(f"heartbeat_seconds ({s.heartbeat_seconds}) must be > 0 and below stale_after_seconds "
                           f"({s.stale_after_seconds}), or running cases would be taken from live workers")
+    if s.gain_penalty < 0 or s.loss_penalty < 0:
+        raise ConfigError("gain_penalty and loss_penalty must be >= 0")
     if s.max_image_pixels < 16:
         raise ConfigError(f"max_image_pixels must be >= 16, got {s.max_image_pixels}")
     if not 0.0 <= s.low_confidence <= 1.0:

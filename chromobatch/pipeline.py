@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from . import CLASSES
-from .assign import DEFAULT_GAIN_PENALTY, assign_cell
+from .assign import assign_cell
 from .config import Settings
 from .db import Case, Cell, Chromosome, Database, Job, ModelVersion, Prediction, utcnow
 from .errors import JobError
@@ -78,7 +78,7 @@ def _finish_job(s: Session, job_id: int | None, worker: str | None) -> None:
 
 def process_case(database: Database, case_dir: Path, *, predictor: Predictor, settings: Settings,
                  force: bool = False, job_id: int | None = None, job_worker: str | None = None,
-                 reports_dir: Path | None = None, gain_penalty: float = DEFAULT_GAIN_PENALTY) -> ProcessResult:
+                 reports_dir: Path | None = None) -> ProcessResult:
     """Process one case folder; a bad case raises a ChromobatchError (its rejections are recorded first).
 
     job_id/job_worker: the watcher's claimed job, marked done in the same transaction as the results.
@@ -106,7 +106,7 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
         if ingest.added + ingest.already_stored == 0:
             _fail_case(s, ingest.case_pk, "no valid chromosome image in the case")
         else:
-            result = _predict_and_summarise(s, ingest.case_pk, predictor, settings, by_sha, force, gain_penalty)
+            result = _predict_and_summarise(s, ingest.case_pk, predictor, settings, by_sha, force)
             _finish_job(s, job_id, job_worker)
     if ingest.added + ingest.already_stored == 0:
         raise_if_empty(ingest, scanned)
@@ -132,7 +132,7 @@ def _fail_case(s: Session, case_pk: int, error: str) -> None:
 
 
 def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, settings: Settings,
-                           by_sha: dict[str, np.ndarray], force: bool, gain_penalty: float) -> ProcessResult:
+                           by_sha: dict[str, np.ndarray], force: bool) -> ProcessResult:
     case = s.get(Case, case_pk)
     assert case is not None
     version = s.get(ModelVersion, predictor.version_id)
@@ -154,7 +154,7 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
                 by_sha[c.sha256] = p
         probs = np.stack([by_sha[c.sha256] if (c.sha256 in by_sha and (force or c.id not in existing))
                           else np.asarray(existing[c.id].probabilities, dtype=np.float32) for c in chroms])
-        assignment = assign_cell(probs, gain_penalty=gain_penalty)
+        assignment = assign_cell(probs, gain_penalty=settings.gain_penalty, loss_penalty=settings.loss_penalty)
         kt = cell_karyotype(cell.name, assignment.labels)
         abnormal = set(kt.gains) | set(kt.losses)
         for c, p, label, changed in zip(chroms, probs, assignment.labels, assignment.changed, strict=True):
