@@ -19,6 +19,12 @@ mkdir -p "$RUNS"
 
 G612=$DATA/g612/manifest.csv
 BIO=$DATA/bioimlab/manifest.csv
+# Synthetic G-band training set (chromobatch.synth, upright like karyogram crops) for the synthetic-to-real run.
+SYNTH=$RUNS/synth-data/manifest.csv
+if [ ! -f "$SYNTH" ]; then
+  nice -n 10 "$PY" -c "from pathlib import Path; from chromobatch.synth import generate_dataset as g; \
+g(Path('$RUNS/synth-data'), cells=300, seed=7, style='G', upright=True)"
+fi
 
 # name | data | extra train flags
 RUNLIST=(
@@ -30,6 +36,8 @@ RUNLIST=(
   "g612-mnv3-scl|$G612|--backbone mobilenetv3_large_100 --steps 800"
   "g612-mnv3-plain|$G612|--backbone mobilenetv3_large_100 --steps 800 --no-scl"
   "g612-resnet18-plain-fit|$G612|--backbone resnet18 --steps 800 --no-scl --preprocess fit"
+  "g612-resnet18-scl-l01|$G612|--backbone resnet18 --steps 800 --lambda-con 0.1"
+  "synth-resnet18-plain-cell|$SYNTH|--backbone resnet18 --steps 800 --no-scl --preprocess cell"
   "g612-resnet18-scl-cell|$G612|--backbone resnet18 --steps 800 --preprocess cell"
   "g612-resnet18-plain-cell|$G612|--backbone resnet18 --steps 800 --no-scl --preprocess cell"
   "bio-mnv3-scl|$BIO|--backbone mobilenetv3_large_100 --steps 500 --rotate 180"
