@@ -21,10 +21,10 @@ G612=$DATA/g612/manifest.csv
 BIO=$DATA/bioimlab/manifest.csv
 # Synthetic G-band training set (chromobatch.synth, upright like karyogram crops) for the synthetic-to-real run.
 SYNTH=$RUNS/synth-data/manifest.csv
-if [ ! -f "$SYNTH" ]; then
-  nice -n 10 "$PY" -c "from pathlib import Path; from chromobatch.synth import generate_dataset as g; \
-g(Path('$RUNS/synth-data'), cells=300, seed=7, style='G', upright=True)"
-fi
+synth_data() {
+  [ -f "$SYNTH" ] || nice -n 10 "$PY" -c "from pathlib import Path; from chromobatch.synth import generate_dataset \
+as g; g(Path('$RUNS/synth-data'), cells=300, seed=7, style='G', upright=True)"
+}
 
 # name | data | extra train flags
 RUNLIST=(
@@ -101,6 +101,7 @@ for entry in "${RUNLIST[@]}"; do
   if [ $# -gt 0 ] && [[ ! " $* " =~ " $name " ]]; then
     continue
   fi
+  [ "$data" != "$SYNTH" ] || synth_data
   run_one "$name" "$data" "$flags"
 done
 table

@@ -20,9 +20,9 @@ from . import CLASS_INDEX, CLASSES
 FREE_SLOTS = {**{c: 2 for c in CLASSES[:22]}, "X": 2, "Y": 1}
 #: Default cost (in nats) of placing a chromosome in a class's extra slot (a gain); chosen on the g612
 #: validation cells (benchmarks/assignment.py, docs/results.md).
-DEFAULT_GAIN_PENALTY = 2.0
+DEFAULT_GAIN_PENALTY = 8.0
 #: Default cost (in nats) of leaving an autosome slot or the first X slot empty (a loss).
-DEFAULT_LOSS_PENALTY = 2.0
+DEFAULT_LOSS_PENALTY = 8.0
 #: Slots whose emptiness is normal: the second X (46,XY) and the Y (46,XX).
 OPTIONAL_SLOTS = {("X", 1), ("Y", 0)}
 EPS = 1e-6
