@@ -77,15 +77,23 @@ def summarise(cells: list[CellKaryotype]) -> dict[str, Any]:
     if len(cells) == 1:
         clonal = set(seen)  # one cell: report what it shows; clonality cannot be established
 
+    # A count change seen in enough cells is clonal even when the extra chromosome is identified differently
+    # from cell to cell: it is reported as an unidentified marker (+mar), as ISCN does.
+    extra = [c.count - _clone_count(baseline, [t for t in ev if t in clonal]) for c, ev in zip(cells, events,
+                                                                                                    strict=True)]
+    marker_cells = sum(1 for d in extra if d > 0)
     clones: Counter[str] = Counter()
-    for ev in events:
+    for ev, d in zip(events, extra, strict=True):
         kept = [t for t in ev if t in clonal]
-        clones[_clone_karyotype(baseline, kept)] += 1
+        markers = d if d > 0 and (marker_cells >= MIN_CELLS_GAIN or len(cells) == 1) else 0
+        clones[_clone_karyotype(baseline, kept, markers)] += 1
     findings = []
     for tok, n in sorted(seen.items(), key=lambda kv: (-kv[1], kv[0])):
         what = _describe(tok)
         status = "clonal" if tok in clonal else "non-clonal"
         findings.append(f"{what} in {n}/{len(cells)} cells ({status})")
+    if marker_cells >= MIN_CELLS_GAIN:
+        findings.append(f"extra chromosome of varying identity in {marker_cells}/{len(cells)} cells (+mar)")
     if len(cells) == 1:
         findings.append("single cell analysed: clonality not established")
     normal_kt = _clone_karyotype(baseline, [])
@@ -104,7 +112,11 @@ def summarise(cells: list[CellKaryotype]) -> dict[str, Any]:
     }
 
 
-def _clone_karyotype(baseline: str, tokens: list[str]) -> str:
+def _clone_count(baseline: str, tokens: list[str]) -> int:
+    return int(_clone_karyotype(baseline, tokens).split(",", 1)[0])
+
+
+def _clone_karyotype(baseline: str, tokens: list[str], markers: int = 0) -> str:
     sex = Counter(baseline)
     gains, losses = [], []
     for t in tokens:
@@ -119,8 +131,9 @@ def _clone_karyotype(baseline: str, tokens: list[str]) -> str:
         else:
             losses.append(what)
     sex_text = "X" * max(sex["X"], 0) + "Y" * max(sex["Y"], 0)
-    count = 44 + len(sex_text) + len(gains) - len(losses)
-    return format_karyotype(count, sex_text, gains, losses)
+    count = 44 + len(sex_text) + len(gains) - len(losses) + markers
+    text = format_karyotype(count, sex_text, gains, losses)
+    return text + ",+mar" * markers
 
 
 def _describe(token: str) -> str:

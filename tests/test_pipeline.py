@@ -42,6 +42,18 @@ def test_assignment_fixes_a_confusion_but_keeps_a_real_trisomy() -> None:
     assert a.labels == t21 and not any(a.changed)
 
 
+def test_assignment_sex_chromosomes() -> None:
+    # 47,XXY is kept when the scores say so; a Y that looks a bit like a 21 stays the Y of a 46,XY cell
+    xxy = NORMAL + ["X", "X", "Y"]
+    assert assign_cell(_probs_for(xxy, 0.95)).labels == xxy
+    xy = NORMAL + ["X", "Y"]
+    p = _probs_for(xy)
+    iy = xy.index("Y")
+    p[iy] = 0.0
+    p[iy, CLASSES.index("21")], p[iy, CLASSES.index("Y")] = 0.55, 0.35
+    assert assign_cell(p).labels == xy
+
+
 def test_assignment_of_monosomy_leaves_a_slot_empty() -> None:
     labels = NORMAL + ["X"]
     assert assign_cell(_probs_for(labels)).labels == labels
@@ -52,6 +64,8 @@ def test_assignment_of_monosomy_leaves_a_slot_empty() -> None:
     ([NORMAL + ["X"]] * 3, "45,X"),
     ([NORMAL + ["X", "X", "Y"]] * 3 + [NORMAL + ["X", "Y"]] * 7, "mos 47,XXY[3]/46,XY[7]"),
     ([NORMAL + ["X", "X", "13"]] * 2 + [NORMAL + ["X", "X"]] * 3, "mos 47,XX,+13[2]/46,XX[3]"),
+    # every cell has 47 chromosomes but the extra one is identified differently: an unidentified marker
+    ([NORMAL + ["X", "Y", "21"], NORMAL + ["X", "Y", "3"], NORMAL + ["X", "Y", "19"]], "47,XY,+mar"),
     # a gain in one cell only, a loss in two cells only: not clonal
     ([NORMAL + ["X", "Y", "18"]] + [NORMAL[:-1] + ["X", "Y"]] * 2 + [NORMAL + ["X", "Y"]] * 3, "46,XY"),
 ])
