@@ -76,14 +76,3 @@ def create_model(
     except TypeError:
         net = timm.create_model(backbone, **kwargs)
     return ChromosomeNet(net, embed_dim, num_classes)
-
-
-def gradcam_layer_is_spatial(net: ChromosomeNet, input_size: int) -> bool:
-    """True when forward_features yields a (B, C, H, W) map (CNNs); False for token sequences (ViTs)."""
-    was_training = net.training
-    net.eval()
-    p = next(net.parameters())
-    with torch.no_grad():
-        out = net.forward_features(torch.zeros(1, 1, input_size, input_size, device=p.device))
-    net.train(was_training)
-    return out.ndim == 4
