@@ -21,7 +21,7 @@ from . import CLASS_INDEX, CLASSES
 #: validation cells (benchmarks/assignment.py, docs/results.md).
 DEFAULT_GAIN_PENALTY = 8.0
 #: Default cost (in nats) of leaving an autosome slot or the first X slot empty (a loss).
-DEFAULT_LOSS_PENALTY = 2.0
+DEFAULT_LOSS_PENALTY = 8.0
 EPS = 1e-6
 SEX_SECOND = -1  # the second sex-chromosome slot: an X or a Y, whichever the scores favour
 

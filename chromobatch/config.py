@@ -40,7 +40,7 @@ class Settings:
     low_confidence: float = 0.5
     #: Karyotype-aware assignment: cost (nats) of a third copy, and of an empty autosome/first-X slot.
     gain_penalty: float = 8.0
-    loss_penalty: float = 2.0
+    loss_penalty: float = 8.0
     max_image_pixels: int = 4096 * 4096
     log_level: str = "INFO"
 

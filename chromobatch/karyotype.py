@@ -92,6 +92,10 @@ def summarise(cells: list[CellKaryotype]) -> dict[str, Any]:
         what = _describe(tok)
         status = "clonal" if tok in clonal else "non-clonal"
         findings.append(f"{what} in {n}/{len(cells)} cells ({status})")
+    missing_cells = sum(1 for d in extra if d < 0)
+    if missing_cells >= MIN_CELLS_LOSS:
+        findings.append(f"fewer chromosomes than the karyotype shows, losses of varying identity, in "
+                        f"{missing_cells}/{len(cells)} cells")
     if marker_cells >= MIN_CELLS_GAIN:
         findings.append(f"extra chromosome of varying identity in {marker_cells}/{len(cells)} cells (+mar)")
     if len(cells) == 1:
