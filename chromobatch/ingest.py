@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import func
 from sqlalchemy.orm import Session
 
 from . import normalise_label
@@ -435,6 +436,7 @@ def _import_labels(s: Any, case: Case, scanned: ScannedCase) -> int:
     if not scanned.labels:
         return 0
     chroms = {c.source_file: c for c in s.query(Chromosome).filter(Chromosome.case_pk == case.id)}
+    newest = newest_labels(s, case.id)
     imported = 0
     for file, label in scanned.labels.items():
         chrom = chroms.get(file)
@@ -442,7 +444,7 @@ def _import_labels(s: Any, case: Case, scanned: ScannedCase) -> int:
             if file not in scanned.rejected:
                 scanned.label_problems.append(f"labels.csv: {file} is not a stored chromosome of the case")
             continue
-        current = current_label(s, chrom.id)
+        current = newest.get(chrom.id)
         if current is not None and (current.label == label or current.source == "reviewed"):
             continue  # a reviewer's decision is never overridden by a re-imported labels.csv
         s.add(Label(chromosome_id=chrom.id, label=label, source="imported", reviewer=None,
@@ -451,10 +453,12 @@ def _import_labels(s: Any, case: Case, scanned: ScannedCase) -> int:
     return imported
 
 
-def current_label(s: Any, chromosome_id: int) -> Label | None:
-    """The newest label row of a chromosome (rows are never overwritten)."""
-    return (s.query(Label).filter(Label.chromosome_id == chromosome_id)
-            .order_by(Label.id.desc()).first())
+def newest_labels(s: Session, case_pk: int) -> dict[int, Label]:
+    """The current label of every labelled chromosome of a case (the newest row; rows are never
+    overwritten), in one query."""
+    newest = (s.query(func.max(Label.id)).join(Chromosome, Chromosome.id == Label.chromosome_id)
+              .filter(Chromosome.case_pk == case_pk).group_by(Label.chromosome_id))
+    return {lab.chromosome_id: lab for lab in s.query(Label).filter(Label.id.in_(newest.scalar_subquery()))}
 
 
 def ingest_case(database: Database, case_dir: Path, *, polarity: str = "auto",

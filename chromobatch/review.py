@@ -2,7 +2,7 @@
 
 Labels are never overwritten. Each change adds a Label row (source="reviewed", the reviewer, the time) whose
 `supersedes_id` points at the newest row before it, so the audit trail (`history`) shows who changed what,
-when, and from which value. The newest row of a chromosome is its current label (`ingest.current_label`).
+when, and from which value. The newest row of a chromosome is its current label (`ingest.newest_labels`).
 
 Addressing a chromosome: the cell is its name or its 1-based number in case order (`Cell.index`, as in the
 report; a cell whose name is the given text wins over a number). The chromosome is its 1-based number within
@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import func
 from sqlalchemy.orm import Session
 
 from . import normalise_label
 from .csvio import HeaderError, read_table
 from .db import Case, Cell, Chromosome, Database, Label, Prediction, utcnow
 from .errors import CaseNotFound, ChromobatchError, InputError
+from .ingest import newest_labels
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +179,7 @@ def find_chromosome(refs: list[ChromosomeRef], case: Case, cell: str | None, chr
 
 def _newest_labels(s: Session, case: Case) -> dict[int, Label]:
     """The current (newest) label row of every labelled chromosome of a case, in one query."""
-    newest = (s.query(func.max(Label.id)).join(Chromosome, Chromosome.id == Label.chromosome_id)
-              .filter(Chromosome.case_pk == case.id).group_by(Label.chromosome_id))
-    return {lab.chromosome_id: lab for lab in s.query(Label).filter(Label.id.in_(newest.scalar_subquery()))}
+    return newest_labels(s, case.id)
 
 
 def _write(s: Session, ref: ChromosomeRef, label: str, reviewer: str, current: Label | None,
