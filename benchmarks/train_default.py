@@ -2,24 +2,42 @@
 
 resnet18 at 96 px, crops oriented upright, g612 train split + a synthetic G-band set (chromobatch.synth
 generate_dataset, 300 cells, randomly rotated: the orientation step makes them upright), plain focal loss
-with the paper's paired sampler (SCL trained worse at this CPU budget), 1500 steps, best step by the g612
-validation split. Paths are arguments: G612_MANIFEST SYNTH_MANIFEST OUT_DIR.
+with the paper's paired sampler (SCL trained worse at this CPU budget), best step by the g612 validation split.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/train_default.py \
-        /work/data/g612/manifest.csv /work/runs/synth300/manifest.csv /work/runs/default_b/model
+Stage 1 (1,500 steps from random init), then stage 2 (a warm start from stage 1's model: fresh Adam, warm-up
+and cosine again, 2,500 more steps). The synthetic set is generated when SYNTH_DIR has no manifest yet.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/train_default.py \\
+        --g612 /work/data/g612/manifest.csv --synth-dir /work/runs/synth300 --out /work/runs/default_b/model
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/train_default.py \\
+        --g612 /work/data/g612/manifest.csv --synth-dir /work/runs/synth300 --out /work/runs/default_c/model \\
+        --init-from models/default --steps 2500
 """
+import argparse
 import logging
-import sys
 from dataclasses import replace
+from pathlib import Path
 
 from chromobatch.data import load_records
+from chromobatch.synth import generate_dataset
 from chromobatch.train import TrainConfig, train
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-g612, synth_manifest, out = sys.argv[1:4]
-real = load_records(g612, splits=("train", "val"))
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--g612", required=True, help="g612 manifest.csv (train and val splits are used)")
+ap.add_argument("--synth-dir", required=True, help="folder of the synthetic set (generated when missing)")
+ap.add_argument("--out", required=True, help="model folder to write")
+ap.add_argument("--steps", type=int, default=1500)
+ap.add_argument("--lr", type=float, default=1e-3)
+ap.add_argument("--init-from", default=None, help="warm start from this model folder")
+args = ap.parse_args()
+
+synth_manifest = Path(args.synth_dir) / "manifest.csv"
+if not synth_manifest.is_file():
+    generate_dataset(Path(args.synth_dir), cells=300, seed=0, style="G", upright=False)
+real = load_records(args.g612, splits=("train", "val"))
 synth = [replace(r, split="train", patient="synth-" + r.patient) for r in
          load_records(synth_manifest, splits=("train", "val"))]
-cfg = TrainConfig(backbone="resnet18", input_size=96, steps=1500, val_every=250, checkpoint_every=250, patience=0,
-                  no_scl=True, orient="upright")
-print(train(cfg, real + synth, out, progress=False), flush=True)
+cfg = TrainConfig(backbone="resnet18", input_size=96, steps=args.steps, lr=args.lr, val_every=250,
+                  checkpoint_every=250, patience=0, no_scl=True, orient="upright", init_from=args.init_from)
+print(train(cfg, real + synth, args.out, progress=False), flush=True)

@@ -264,7 +264,7 @@ def history(case_id: Annotated[str, typer.Argument(help="Case ID.")], db: DbOpt 
 
 
 def _train_from_db(cfg: Any, db: str, *, models_dir: Path, margin: float, val_fraction: float,
-                   lock: Path | None, promote: bool, progress: bool) -> None:
+                   lock: Path | None, promote: bool, progress: bool, warm_start: bool) -> None:
     """`train --db`: retrain.retrain, with its own exit code when another run holds the lock."""
     from .db import connect
     from .retrain import RetrainOptions, TrainingLocked, retrain
@@ -272,7 +272,8 @@ def _train_from_db(cfg: Any, db: str, *, models_dir: Path, margin: float, val_fr
     database = connect(settings(db=db).db)
     try:
         result = retrain(database, cfg, RetrainOptions(models_dir=models_dir, margin=margin,
-                                                       val_fraction=val_fraction, lock_path=lock, promote=promote),
+                                                       val_fraction=val_fraction, lock_path=lock, promote=promote,
+                                                       warm_start=warm_start),
                          progress=progress)
     except TrainingLocked as exc:
         typer.echo(f"skipped: {exc}", err=True)
@@ -516,6 +517,8 @@ def train(
     lr: Annotated[float, typer.Option(help="Adam learning rate (warm-up, then cosine).")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.")] = False,
+    init_from: Annotated[Path | None, typer.Option("--init-from", help="Warm start: begin from this model "
+                         "folder's weights and preprocessing (fresh optimiser and schedule).")] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 500,
     val_every: Annotated[int, typer.Option("--val-every", help="Steps between validations.")] = 200,
     patience: Annotated[int, typer.Option(help="Validations without improvement before stopping (0: never).")]
@@ -544,6 +547,8 @@ def train(
                                                    "<models-dir>/.train.lock).")] = None,
     promote: Annotated[bool, typer.Option(help="--db: promote a good enough candidate (else register only).")]
     = True,
+    warm_start: Annotated[bool, typer.Option("--warm-start", help="--db: fine-tune the active model (its "
+                          "architecture and preprocessing) instead of training from random weights.")] = False,
 ) -> None:
     """Train a classifier with supervised contrastive learning (torchrun-aware: same command, DDP).
 
@@ -561,14 +566,19 @@ def train(
                                "--models-dir/<name>-<timestamp>")
     if data is not None and out is None:
         raise ChromobatchError("--data needs --out (the model folder to write)")
+    if warm_start and db is None:
+        raise ChromobatchError("--warm-start is for --db; with --data use --init-from MODEL_DIR")
+    if warm_start and init_from is not None:
+        raise ChromobatchError("give --warm-start (the active model) or --init-from, not both")
     cfg = TrainConfig(orient=orient, backbone=backbone, input_size=input_size, embed_dim=embed_dim, steps=steps,
                       no_scl=no_scl,
                       lambda_con=lambda_con, lambda_cls=lambda_cls, lr=lr, seed=seed, preprocess=preprocess,
                       checkpoint_every=checkpoint_every, val_every=val_every, patience=patience, device=device,
-                      variant=variant, augment=AugmentConfig(rotate_deg=rotate))
+                      variant=variant, augment=AugmentConfig(rotate_deg=rotate),
+                      init_from=str(init_from) if init_from is not None else None)
     if db is not None:
         _train_from_db(cfg, db, models_dir=models_dir, margin=margin, val_fraction=val_fraction, lock=lock,
-                       promote=promote, progress=progress)
+                       promote=promote, progress=progress, warm_start=warm_start)
         return
     assert data is not None and out is not None
     result = run_training(cfg, data, out, resume=resume, progress=progress)

@@ -343,6 +343,9 @@ class RetrainOptions:
     #: Drop the resumable checkpoint from the registered folder (a nightly run starts afresh).
     keep_checkpoint: bool = False
     salt: str = ""
+    #: Start from the active model's weights (its backbone, size and preprocessing) instead of random init:
+    #: a nightly CPU run then fine-tunes for its steps rather than learning from nothing.
+    warm_start: bool = False
 
 
 @dataclass
@@ -424,6 +427,32 @@ def _broadcast(value: Any, world: int) -> Any:
     return box[0]
 
 
+def _active_file(database: Database) -> tuple[int, str] | None:
+    with database.session() as s:
+        active = (s.query(ModelVersion).filter(ModelVersion.status == "active")
+                  .order_by(ModelVersion.id.desc()).first())
+        return (active.id, active.file) if active is not None else None
+
+
+def warm_start_config(database: Database, config: Any) -> Any:
+    """`config` set to fine-tune the active model: init_from its folder, architecture and preprocessing copied
+    from its model.json (so they cannot disagree). Unchanged, with a log line, when no model is active."""
+    from dataclasses import replace
+
+    from .modelio import read_meta
+
+    found = _active_file(database)
+    if found is None:
+        log.info("warm start asked for, but no model is active: training from random initialisation")
+        return config
+    version_id, folder = found
+    meta = read_meta(folder)
+    pre = meta["preprocess"]
+    log.info("warm start from the active model (id %d)", version_id)
+    return replace(config, init_from=str(folder), backbone=meta["backbone"], embed_dim=int(meta["embed_dim"]),
+                   input_size=int(pre["input_size"]), preprocess=pre["mode"], orient=pre.get("orient", "none"))
+
+
 def retrain(database: Database, config: Any, options: RetrainOptions | None = None, *,
             progress: bool = False) -> RetrainResult | None:
     """Train on the database's labels, register a candidate, promote it if good enough.
@@ -467,13 +496,15 @@ def retrain(database: Database, config: Any, options: RetrainOptions | None = No
                             hint="Every class is needed in every training step: review more cases.")
         if rank == 0 and out.exists():
             raise ModelError(f"{out} already exists")
+        if opts.warm_start and not config.init_from:
+            config = warm_start_config(database, config)
         trained = train(config, data.train, out, progress=progress)
         if rank != 0:
             return None
         if not opts.keep_checkpoint:
             shutil.rmtree(out / "checkpoint", ignore_errors=True)
         info = {**data.summary(), "steps_done": trained.steps_done, "selection_accuracy": trained.best_val_accuracy,
-                "train_seconds": round(trained.seconds, 1)}
+                "train_seconds": round(trained.seconds, 1), "warm_start_from": config.init_from}
         _write_identity(out, opts.name, version, info)
 
         device = pick_device(config.device)

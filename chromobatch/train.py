@@ -44,7 +44,7 @@ from chromobatch.errors import ConfigError, DataError, ModelError
 from chromobatch.files import atomic_write
 from chromobatch.losses import LossConfig, total_loss
 from chromobatch.model import ChromosomeNet, create_model
-from chromobatch.modelio import save_model
+from chromobatch.modelio import LoadedModel, load_model, save_model
 from chromobatch.preprocess import MODES, PreprocessSpec, choose_scale, chromosome_length, to_tensor
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ class TrainConfig:
     patience: int = 5  # validations without improvement before stopping; 0 = never stop early
     log_every: int = 20
     half_weights: bool = False  # store the model's float weights as fp16
+    #: warm start: a model folder whose weights (and preprocessing) the run starts from; the optimiser and
+    #: the schedule start fresh. Backbone, input size and embed_dim must match. None = random init.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
@@ -335,7 +338,11 @@ def _train(
             if before != getattr(cfg, key):
                 raise ConfigError(f"--resume: {key} was {before!r} in {ckpt_dir}, now {getattr(cfg, key)!r}")
         spec = PreprocessSpec.from_dict(ckpt[1]["preprocess"])
-    else:
+    init = None
+    if ckpt is None and cfg.init_from:
+        init = _load_init(cfg)
+        spec = init.spec
+    elif ckpt is None:
         scale = cfg.scale or choose_scale((chromosome_length(r.crop) for r in train_recs), cfg.input_size)
         spec = PreprocessSpec(mode=cfg.preprocess, input_size=cfg.input_size, scale=round(scale, 6),
                               orient=cfg.orient)
@@ -368,6 +375,9 @@ def _train(
     gen.manual_seed(cfg.seed * 7919 + dd.rank)
 
     net = create_model(cfg.backbone, embed_dim=cfg.embed_dim, input_size=cfg.input_size).to(device)
+    if init is not None:
+        net.load_state_dict(init.net.state_dict())
+        log.info("warm start from %s (weights %s)", cfg.init_from, init.sha256[:12])
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     loss_cfg = cfg.loss_config()
@@ -405,6 +415,7 @@ def _train(
     fingerprint = data_fingerprint(train_recs)
     val_fingerprint = data_fingerprint(val_recs) if val_recs else None
     ce_steps = cfg.resolved_ce_epochs() * cfg.steps_per_epoch
+    init_info = _init_summary(init) if init is not None else (ckpt[1].get("init_from") if ckpt else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def meta_for(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -422,6 +433,7 @@ def _train(
                 "world_size": dd.world,
                 "device": str(device),
                 "torch": torch.__version__,
+                **({"init_from": init_info} if init_info else {}),
             },
             "data": {"train": fingerprint, "val": val_fingerprint},
             "metrics": metrics,
@@ -504,7 +516,8 @@ def _train(
                     _save_checkpoint(
                         ckpt_dir, net, opt,
                         {"step": done, "best_acc": best_acc, "best_step": best_step, "bad_vals": bad_vals,
-                         "config": cfg.to_dict(), "preprocess": spec.to_dict(), "sampler": sampler_states},
+                         "config": cfg.to_dict(), "preprocess": spec.to_dict(), "sampler": sampler_states,
+                         "init_from": init_info},
                         gen,
                     )  # fmt: skip
                 if dd.active:
@@ -536,6 +549,31 @@ def _train(
         final_temperature=float(net.temperature().detach()),
         history_path=hist_path,
     )
+
+
+def _load_init(cfg: TrainConfig) -> LoadedModel:
+    """The warm-start model; its architecture must be the one this run builds (else a clear ConfigError)."""
+    assert cfg.init_from
+    init = load_model(cfg.init_from)
+    meta = init.meta
+    want = {"backbone": cfg.backbone, "embed_dim": cfg.embed_dim, "input_size": cfg.input_size,
+            "preprocess": cfg.preprocess, "orient": cfg.orient}
+    have = {"backbone": meta["backbone"], "embed_dim": int(meta["embed_dim"]), "input_size": init.spec.input_size,
+            "preprocess": init.spec.mode, "orient": init.spec.orient}
+    diff = [f"{k} {have[k]!r} (this run: {want[k]!r})" for k in want if have[k] != want[k]]
+    if diff:
+        raise ConfigError(f"--init-from {cfg.init_from}: the model has " + ", ".join(diff),
+                          hint="Pass the same --backbone/--input-size/--embed-dim/--preprocess/--orient as that model.")
+    return init
+
+
+def _init_summary(init: LoadedModel) -> dict[str, Any]:
+    """What a warm-started model.json records about its starting point (its own training history included)."""
+    tr = init.meta.get("training", {})
+    prior = tr.get("init_from")
+    steps = int(tr.get("step", 0)) + (int(prior.get("total_steps", 0)) if isinstance(prior, dict) else 0)
+    return {"folder": str(init.folder), "name": init.meta.get("name"), "sha256": init.sha256,
+            "steps": tr.get("step"), "total_steps": steps, "metrics": init.meta.get("metrics", {})}
 
 
 def _record_run_stats(out: Path, seconds: float, ips: float, steps_done: int) -> None:

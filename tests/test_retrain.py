@@ -302,6 +302,32 @@ def test_candidate_kept_or_promoted_by_margin(database: db.Database, tmp_path: P
     assert only is not None and only.status == "candidate" and "--no-promote" in only.reason
 
 
+def test_warm_start_fine_tunes_the_active_model(sqlite_path: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    database = db.connect(str(sqlite_path))
+    try:
+        with database.session() as s:
+            for i in range(4):
+                add_case(s, f"W{i}", seed=i, per_class=1)
+        active = register_model(database, load_model(tiny_model_dir))
+        # Architecture knobs that differ from the active model are overridden by it (else nothing would load).
+        cfg = TrainConfig(backbone="resnet18", input_size=48, embed_dim=16, steps=2, val_every=2, warmup_steps=1,
+                          device="cpu")  # fmt: skip
+        res = retrain(database, cfg, RetrainOptions(models_dir=tmp_path / "registry", warm_start=True))
+        assert res is not None
+        meta = load_model(res.model_dir).meta
+        assert meta["backbone"] == "test_resnet" and meta["embed_dim"] == 32
+        assert meta["preprocess"] == load_model(tiny_model_dir).meta["preprocess"]  # scale 0.4 kept
+        assert meta["training"]["init_from"]["sha256"] == active.sha256
+        assert meta["training"]["database"]["warm_start_from"] == str(tiny_model_dir)
+    finally:
+        database.dispose()
+
+
+def test_cli_warm_start_needs_db(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--warm-start"])
+    assert res.exit_code == 1 and "--warm-start is for --db" in res.output
+
+
 # --------------------------------------------------------------------------------------------------
 # End to end: process -> review -> train --db -> promoted -> a running watcher uses it for the next case
 

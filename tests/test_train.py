@@ -196,6 +196,42 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
 
 
+def test_init_from_starts_at_the_given_weights_and_records_it(tmp_path: Path) -> None:
+    recs = blob_records(3, split="train")
+    first = train(tiny_config(steps=8, val_every=1000, scale=0.5), recs, tmp_path / "first", progress=False)
+    # A zero-step-like check: with lr tiny, the warm-started model stays next to its start, far from random init.
+    start = load_file(str(first.model_dir / "model.safetensors"))
+    res = train(tiny_config(steps=1, lr=1e-9, warmup_steps=0, min_lr_ratio=1.0, val_every=1000,
+                            init_from=str(first.model_dir)), recs, tmp_path / "warm", progress=False)  # fmt: skip
+    warm = load_file(str(res.model_dir / "model.safetensors"))
+    cold = load_file(str(train(tiny_config(steps=1, lr=1e-9, warmup_steps=0, min_lr_ratio=1.0, val_every=1000,
+                                           seed=5), recs, tmp_path / "cold", progress=False).model_dir
+                         / "model.safetensors"))  # fmt: skip
+    w = "embed.weight"
+    assert torch.allclose(warm[w], start[w], atol=1e-5)
+    assert not torch.allclose(cold[w], start[w], atol=1e-3)
+    meta = json.loads((res.model_dir / "model.json").read_text())
+    first_meta = json.loads((first.model_dir / "model.json").read_text())
+    assert meta["preprocess"] == first_meta["preprocess"]  # the scale is inherited, not re-chosen
+    info = meta["training"]["init_from"]
+    assert info["steps"] == 8 and info["total_steps"] == 8 and len(info["sha256"]) == 64
+    # A chained warm start counts every step behind it.
+    again = train(tiny_config(steps=1, val_every=1000, init_from=str(res.model_dir)), recs, tmp_path / "again",
+                  progress=False)  # fmt: skip
+    chained = json.loads((again.model_dir / "model.json").read_text())["training"]["init_from"]
+    assert chained["total_steps"] == 9
+
+
+def test_init_from_rejects_a_different_architecture(tmp_path: Path) -> None:
+    from chromobatch.errors import ConfigError
+
+    recs = blob_records(2, split="train")
+    first = train(tiny_config(steps=2, val_every=1000), recs, tmp_path / "first", progress=False)
+    with pytest.raises(ConfigError, match="embed_dim 32 .this run: 16."):
+        train(tiny_config(steps=2, embed_dim=16, init_from=str(first.model_dir)), recs, tmp_path / "x",
+              progress=False)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 
