@@ -525,6 +525,8 @@ def train(
     = 5,
     preprocess: Annotated[str, typer.Option("--preprocess", help="fixed, cell or fit (see docs/results.md).")]
     = "fixed",
+    size_power: Annotated[float, typer.Option("--size-power", help="fixed/cell: < 1 compresses the size range "
+                          "(small chromosomes get more pixels, order kept); 1 = none.")] = 1.0,
     orient: Annotated[str, typer.Option("--orient", help="none, or upright: turn each crop's long axis vertical "
                                                           "before the model (crops cut at any angle).")] = "none",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -570,7 +572,8 @@ def train(
         raise ChromobatchError("--warm-start is for --db; with --data use --init-from MODEL_DIR")
     if warm_start and init_from is not None:
         raise ChromobatchError("give --warm-start (the active model) or --init-from, not both")
-    cfg = TrainConfig(orient=orient, backbone=backbone, input_size=input_size, embed_dim=embed_dim, steps=steps,
+    cfg = TrainConfig(orient=orient, size_power=size_power, backbone=backbone, input_size=input_size,
+                      embed_dim=embed_dim, steps=steps,
                       no_scl=no_scl,
                       lambda_con=lambda_con, lambda_cls=lambda_cls, lr=lr, seed=seed, preprocess=preprocess,
                       checkpoint_every=checkpoint_every, val_every=val_every, patience=patience, device=device,

@@ -12,6 +12,11 @@ Three ways to choose the pixel scale, because a chromosome's size is a strong cu
   size is relative to the cell (robust to microscope magnification and chromosome condensation). Falls back
   to ``fixed`` when the cell is unknown.
 - ``fit``: every crop resized to fill the canvas (size thrown away; kept for comparison).
+
+``size_power`` < 1 compresses the size range of ``fixed``/``cell`` without reordering it: a crop that would
+come out L pixels long comes out M * (L / M) ** size_power, M the largest allowed length. Small chromosomes
+then get more pixels for their bands while a 1 still comes out longer than a 21 (1.0: plain fixed scale;
+docs/results.md measures fixed vs fit vs compressed).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class PreprocessSpec:
     #: "upright": turn the crop's long axis vertical first (orient.upright), for crops cut at any angle;
     #: "none": take the crop as it comes (karyogram crops are upright already).
     orient: str = "none"
+    #: fixed/cell: exponent compressing the size range (1.0 = none; see the module docstring).
+    size_power: float = 1.0
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -63,7 +70,7 @@ class PreprocessSpec:
             raise ModelError(f"unknown orientation {self.orient!r} (expected none or upright)")
         if self.input_size < 8:
             raise ModelError(f"input_size {self.input_size} is too small (at least 8)")
-        if not (self.scale > 0 and self.cell_fraction > 0 and 0 < self.max_fill <= 1):
+        if not (self.scale > 0 and self.cell_fraction > 0 and 0 < self.max_fill <= 1 and 0 < self.size_power <= 1):
             raise ModelError(f"invalid preprocessing numbers in {self!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +132,9 @@ def render(crop: np.ndarray, spec: PreprocessSpec, cell_median_length: float | N
         s = spec.cell_fraction * size / float(cell_median_length)
     else:
         s = spec.scale
+    if spec.mode != "fit" and spec.size_power != 1.0:
+        most = spec.max_fill * size
+        s = most * min(1.0, longest * s / most) ** spec.size_power / longest
     s = min(s, spec.max_fill * size / longest)  # shrink only as much as needed to fit
 
     nh, nw = max(1, round(h * s)), max(1, round(w * s))

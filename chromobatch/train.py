@@ -64,6 +64,7 @@ class TrainConfig:
     #: none | upright (see PreprocessSpec.orient)
     orient: str = "none"
     scale: float | None = None  # fixed-mode scale; None = chosen from the training crops (choose_scale)
+    size_power: float = 1.0  # < 1 compresses the size range (PreprocessSpec.size_power)
     steps: int = 2000
     steps_per_epoch: int = 200
     lr: float = 1e-3
@@ -104,6 +105,8 @@ class TrainConfig:
             raise ConfigError(f"--variant must be paper or code, not {self.variant!r}")
         if self.schedule not in (None, "cosine", "exp"):
             raise ConfigError(f"schedule must be cosine or exp, not {self.schedule!r}")
+        if not 0 < self.size_power <= 1:
+            raise ConfigError(f"--size-power must be in (0, 1], not {self.size_power}")
         if self.steps < 1 or self.lr <= 0 or self.input_size < 16 or self.embed_dim < 1:
             raise ConfigError("steps >= 1, lr > 0, input_size >= 16 and embed_dim >= 1 are required")
 
@@ -345,7 +348,7 @@ def _train(
     elif ckpt is None:
         scale = cfg.scale or choose_scale((chromosome_length(r.crop) for r in train_recs), cfg.input_size)
         spec = PreprocessSpec(mode=cfg.preprocess, input_size=cfg.input_size, scale=round(scale, 6),
-                              orient=cfg.orient)
+                              orient=cfg.orient, size_power=cfg.size_power)
 
     t_prep = time.perf_counter()
     train_set = prepare(train_recs, spec)

@@ -54,6 +54,21 @@ def test_fit_mode_discards_size_and_cell_mode_uses_the_cell_median() -> None:
     assert render(bar(40), cell, None).tobytes() == render(bar(40), PreprocessSpec(input_size=64, scale=0.5)).tobytes()
 
 
+def test_size_power_compresses_the_size_range_but_keeps_the_order() -> None:
+    plain = PreprocessSpec(mode="fixed", input_size=96, scale=0.5)
+    half = PreprocessSpec(mode="fixed", input_size=96, scale=0.5, size_power=0.5)
+    lengths = [16, 30, 60, 120, 200]  # 200 px at scale 0.5 would not fit: capped either way
+    a = [rendered_length(render(bar(n), plain)) for n in lengths]
+    b = [rendered_length(render(bar(n), half)) for n in lengths]
+    assert b == sorted(b) and len(set(b)) == len(b)  # a longer chromosome still comes out longer
+    assert all(y >= x for x, y in zip(a, b, strict=True))  # nothing shrinks
+    assert b[-1] / b[0] < 0.7 * (a[-1] / a[0])  # the range is compressed
+    assert b[-1] == a[-1]  # the largest allowed size stays the largest allowed size
+    assert PreprocessSpec.from_dict({k: v for k, v in plain.to_dict().items() if k != "size_power"}) == plain
+    with pytest.raises(ModelError):
+        PreprocessSpec(size_power=0.0)
+
+
 def test_preprocess_tensor_convention() -> None:
     spec = PreprocessSpec(mode="fixed", input_size=48, scale=1.0)
     x = preprocess(bar(30), spec)
