@@ -38,6 +38,7 @@ RUNLIST=(
   "g612-resnet18-plain-fit|$G612|--backbone resnet18 --steps 800 --no-scl --preprocess fit"
   "g612-resnet18-plain-pow05|$G612|--backbone resnet18 --steps 800 --no-scl --size-power 0.5"
   "g612-resnet18-scl-fit|$G612|--backbone resnet18 --steps 800 --preprocess fit"
+  "g612-resnet18-scl-fit-l01|$G612|--backbone resnet18 --steps 800 --preprocess fit --lambda-con 0.1"
   "g612-resnet18-scl-l01|$G612|--backbone resnet18 --steps 800 --lambda-con 0.1"
   "synth-resnet18-plain-cell|$SYNTH|--backbone resnet18 --steps 800 --no-scl --preprocess cell"
   "g612-resnet18-scl-cell|$G612|--backbone resnet18 --steps 800 --preprocess cell"

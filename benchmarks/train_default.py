@@ -30,6 +30,8 @@ ap.add_argument("--out", required=True, help="model folder to write")
 ap.add_argument("--steps", type=int, default=1500)
 ap.add_argument("--lr", type=float, default=1e-3)
 ap.add_argument("--init-from", default=None, help="warm start from this model folder")
+ap.add_argument("--preprocess", default="fixed", help="fixed, cell or fit")
+ap.add_argument("--size-power", type=float, default=1.0, help="fixed/cell size-range compression")
 args = ap.parse_args()
 
 synth_manifest = Path(args.synth_dir) / "manifest.csv"
@@ -39,5 +41,6 @@ real = load_records(args.g612, splits=("train", "val"))
 synth = [replace(r, split="train", patient="synth-" + r.patient) for r in
          load_records(synth_manifest, splits=("train", "val"))]
 cfg = TrainConfig(backbone="resnet18", input_size=96, steps=args.steps, lr=args.lr, val_every=250,
-                  checkpoint_every=250, patience=0, no_scl=True, orient="upright", init_from=args.init_from)
+                  checkpoint_every=250, patience=0, no_scl=True, orient="upright", init_from=args.init_from,
+                  preprocess=args.preprocess, size_power=args.size_power)
 print(train(cfg, real + synth, args.out, progress=False), flush=True)
