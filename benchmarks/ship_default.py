@@ -14,8 +14,6 @@ from pathlib import Path
 from chromobatch.modelio import load_model, save_model
 
 KEEP = ("n", "accuracy", "top5_accuracy", "recall_macro", "auc_macro")
-DROP = ("format", "format_version", "chromobatch_version", "classes", "num_classes", "in_chans", "input_size",
-        "temperature", "weights_dtype")
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("model", type=Path)
@@ -25,7 +23,7 @@ ap.add_argument("--out", type=Path, default=Path("models/default"))
 args = ap.parse_args()
 
 lm = load_model(args.model)
-meta = {k: v for k, v in lm.meta.items() if k not in DROP}
+meta = dict(lm.meta)  # save_model rewrites the format fields (dtype, temperature, version) itself
 meta.update(name="chromobatch-default", version=args.version)
 metrics = dict(meta.get("metrics", {}))
 for item in args.eval:

@@ -26,6 +26,7 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    select,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
@@ -151,6 +152,14 @@ class ModelVersion(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+def active_model(s: Session, *, exclude_id: int | None = None) -> ModelVersion | None:
+    """The model new cases use: the newest row with status 'active' (one query for every caller)."""
+    q = select(ModelVersion).where(ModelVersion.status == "active")
+    if exclude_id is not None:
+        q = q.where(ModelVersion.id != exclude_id)
+    return s.execute(q.order_by(ModelVersion.id.desc()).limit(1)).scalar_one_or_none()
 
 
 class Prediction(Base):

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Settings
-from .db import Database, ModelVersion, utcnow
+from .db import Database, ModelVersion, active_model, utcnow
 from .errors import ModelError
 from .modelio import LoadedModel, load_model
 from .preprocess import render
@@ -82,7 +82,7 @@ class Predictor:
         if self.pinned:
             return False
         with database.session() as s:
-            active = s.query(ModelVersion).filter_by(status="active").order_by(ModelVersion.id.desc()).first()
+            active = active_model(s)
             if active is None or active.id == self.version_id:
                 return False
         # loaded outside the transaction: on SQLite a session holds the write lock every worker needs
@@ -134,7 +134,7 @@ def load_predictor(database: Database, settings: Settings, model_path: str | Pat
     explicit = model_path or settings.model or None
     if explicit is None:
         with database.session() as s:
-            active = s.query(ModelVersion).filter_by(status="active").order_by(ModelVersion.id.desc()).first()
+            active = active_model(s)
             folder = Path(active.file) if active is not None else None
         if folder is None:
             if not (DEFAULT_MODEL_DIR / "model.json").is_file():

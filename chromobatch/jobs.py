@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from .db import Case, Database, Job, ModelVersion, utcnow
+from .db import Case, Database, Job, active_model, utcnow
 from .ingest import validate_case_id
 
 log = logging.getLogger(__name__)
@@ -276,8 +276,7 @@ def queue_status(database: Database, *, recent: int = 10, failed: int = 10) -> d
              "processed_at": _iso(c.processed_at), "error": c.error}
             for c in s.execute(select(Case).order_by(func.coalesce(Case.processed_at, Case.received_at).desc(),
                                                      Case.id.desc()).limit(recent)).scalars()]
-        active = s.execute(select(ModelVersion).where(ModelVersion.status == "active")
-                           .order_by(ModelVersion.id.desc()).limit(1)).scalar_one_or_none()
+        active = active_model(s)
         model = None if active is None else {
             "id": active.id, "name": active.name, "version": active.version, "backbone": active.backbone,
             "sha256": active.sha256, "promoted_at": _iso(active.promoted_at)}

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from . import CLASS_INDEX, CLASSES
 from .data import Record
-from .db import Case, Chromosome, Database, Label, ModelVersion, utcnow
+from .db import Case, Chromosome, Database, Label, ModelVersion, active_model, utcnow
 from .errors import ChromobatchError, DataError, ModelError
 from .files import atomic_write
 from .imaging import decode_png
@@ -427,13 +427,6 @@ def _broadcast(value: Any, world: int) -> Any:
     return box[0]
 
 
-def _active_file(database: Database) -> tuple[int, str] | None:
-    with database.session() as s:
-        active = (s.query(ModelVersion).filter(ModelVersion.status == "active")
-                  .order_by(ModelVersion.id.desc()).first())
-        return (active.id, active.file) if active is not None else None
-
-
 def warm_start_config(database: Database, config: Any) -> Any:
     """`config` set to fine-tune the active model: init_from its folder, architecture and preprocessing copied
     from its model.json (so they cannot disagree). Unchanged, with a log line, when no model is active."""
@@ -441,7 +434,9 @@ def warm_start_config(database: Database, config: Any) -> Any:
 
     from .modelio import read_meta
 
-    found = _active_file(database)
+    with database.session() as s:
+        active = active_model(s)
+        found = (active.id, active.file) if active is not None else None
     if found is None:
         log.info("warm start asked for, but no model is active: training from random initialisation")
         return config
@@ -516,8 +511,7 @@ def retrain(database: Database, config: Any, options: RetrainOptions | None = No
         active_error: str | None = None
         active_id: int | None = None
         with database.session() as s:
-            active = (s.query(ModelVersion).filter(ModelVersion.status == "active", ModelVersion.id != row.id)
-                      .order_by(ModelVersion.id.desc()).first())
+            active = active_model(s, exclude_id=row.id)
             active_file = active.file if active is not None else None
             active_id = active.id if active is not None else None
         if active_file is not None and data.val:
