@@ -534,6 +534,8 @@ def train(
     rotate: Annotated[float, typer.Option(help="Random rotation augmentation in degrees (+-); 180 for crops in "
                                                "metaphase orientation.")] = 15.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    size_prior: Annotated[bool, typer.Option(help="After training, fit the size prior (relative DNA content per "
+                          "class) on the training cells; kept only if it helps on the validation cells.")] = True,
     db: Annotated[str | None, typer.Option("--db", help="Train from this database's reviewed/imported labels "
                                                         "instead of --data; registers (and may promote) the model.")]
     = None,
@@ -578,7 +580,7 @@ def train(
                       lambda_con=lambda_con, lambda_cls=lambda_cls, lr=lr, seed=seed, preprocess=preprocess,
                       checkpoint_every=checkpoint_every, val_every=val_every, patience=patience, device=device,
                       variant=variant, augment=AugmentConfig(rotate_deg=rotate),
-                      init_from=str(init_from) if init_from is not None else None)
+                      init_from=str(init_from) if init_from is not None else None, size_prior=size_prior)
     if db is not None:
         _train_from_db(cfg, db, models_dir=models_dir, margin=margin, val_fraction=val_fraction, lock=lock,
                        promote=promote, progress=progress, warm_start=warm_start)
@@ -589,7 +591,34 @@ def train(
     typer.echo(f"trained {backbone}: {result.steps_done} steps in {result.seconds:.0f}s "
                f"({result.images_per_second:.0f} images/s), best val accuracy {best}, t={result.final_temperature:.2f}"
                f"{', stopped early' if result.stopped_early else ''}")
+    if result.size_prior is not None:
+        typer.echo(_prior_line(result.size_prior))
     typer.echo(f"model written to {result.model_dir}")
+
+
+def _prior_line(info: dict[str, Any]) -> str:
+    if not info.get("weight"):
+        return f"size prior: not used ({info.get('reason') or 'no gain on the validation cells'})"
+    return (f"size prior: weight {info['weight']:g}, validation accuracy {info['val_accuracy_without']:.4f} -> "
+            f"{info['val_accuracy_with']:.4f} ({info['val_n']} crops)")
+
+
+@app.command()
+@friendly
+def calibrate(
+    model: Annotated[Path, typer.Option("--model", help="Model folder to add the size prior to (model.json is "
+                                                        "rewritten; the weights stay).")],
+    data: Annotated[Path, typer.Option("--data", help="Manifest CSV with patient/cell columns: train rows fit "
+                                                      "the prior, val rows tune its weight.")],
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Fit a model's size prior on labelled cells (what `train` does at its end), e.g. for a model trained
+    elsewhere. Without a split column, 10% of the cells tune the weight."""
+    from .data import load_records, split_records
+    from .sizeprior import calibrate as run_calibration
+
+    train_recs, val_recs = split_records(load_records(data, splits=("train", "val")))
+    typer.echo(_prior_line(run_calibration(model, train_recs, val_recs, device=device)))
 
 
 @app.command()
@@ -602,11 +631,13 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics JSON here.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for the HTML report and figures.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    size_prior: Annotated[bool, typer.Option(help="Use the model's size prior, if it has one (--no-size-prior: "
+                                                  "the image model alone).")] = True,
 ) -> None:
     """Accuracy, macro recall, macro AUC and a per-class table (plus report figures with --out)."""
     from .evaluate import evaluate as run_evaluation
 
-    metrics = run_evaluation(model, data, out, split=split, device=device)
+    metrics = run_evaluation(model, data, out, split=split, device=device, size_prior=size_prior)
     auc = "-" if metrics["auc_macro"] is None else f"{metrics['auc_macro']:.4f}"
     typer.echo(f"{metrics['n']} images: accuracy {metrics['accuracy']:.4f}, "
                f"macro recall {metrics['recall_macro']:.4f}, macro AUC {auc}")

@@ -168,7 +168,7 @@ class Prediction(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     chromosome_id: Mapped[int] = mapped_column(ForeignKey("chromosomes.id", ondelete="CASCADE"), index=True)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
-    #: Top-1 class from the model alone.
+    #: Top-1 class from the model (image + its size prior, when it has one), before assignment.
     label: Mapped[str] = mapped_column(String(2))
     #: Class after karyotype-aware assignment within the cell.
     assigned_label: Mapped[str | None] = mapped_column(String(2))

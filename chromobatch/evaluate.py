@@ -22,6 +22,7 @@ from chromobatch.data import Record, cell_median_lengths, load_records
 from chromobatch.errors import DataError
 from chromobatch.model import ChromosomeNet
 from chromobatch.modelio import LoadedModel, load_model
+from chromobatch.sizeprior import record_cell_inks
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +259,11 @@ def evaluate(
     tsne_max: int = 1200,
     n_cam: int = 8,
     seed: int = 0,
+    size_prior: bool = True,
 ) -> dict[str, Any]:
     """Metrics of a model folder on a manifest / class-folder tree / Records (only `split` rows when the data
     has a split column; split=None or 'all' uses everything). With out_dir: confusion.png, tsne.png,
-    cam.png, metrics.json and report.html there."""
+    cam.png, metrics.json and report.html there. size_prior=False measures the image model alone."""
     t0 = time.perf_counter()
     lm: LoadedModel = load_model(model_folder, device=device)
     splits = None if split in (None, "all") else [split]
@@ -274,12 +276,18 @@ def evaluate(
     if not records:
         raise DataError(f"{data_name}: no images in split {split!r}")
     meds = cell_median_lengths(records) if lm.spec.mode == "cell" else None
-    probs, emb = lm.predict([r.crop for r in records], meds, batch_size=batch_size)
+    if not size_prior:
+        lm.size_prior = None
+    inks = record_cell_inks(records, lm.size_prior.min_cell) if lm.size_prior is not None else None
+    probs, emb = lm.predict([r.crop for r in records], meds, batch_size=batch_size, cell_inks=inks)
     y = np.array([r.label for r in records])
     metrics = compute_metrics(y, probs)
     metrics.update(
         model={"folder": str(model_folder), "backbone": lm.meta["backbone"], "sha256": lm.sha256,
-               "preprocess": lm.spec.to_dict()},
+               "preprocess": lm.spec.to_dict(),
+               "size_prior": None if lm.size_prior is None else {
+                   "weight": lm.size_prior.weight,
+                   "applied_to": sum(1 for v in (inks or []) if v is not None)}},
         data=data_name,
         split=split or "all",
         seconds=round(time.perf_counter() - t0, 2),

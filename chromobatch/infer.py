@@ -62,8 +62,13 @@ class Predictor:
         #: True when the model was named explicitly: never swapped for the database's active model.
         self.pinned = pinned
 
-    def predict(self, crops: Sequence[np.ndarray], medians: Sequence[float | None] | None = None) -> np.ndarray:
-        """Normalised crops -> softmax probabilities [N, 24] (float32)."""
+    def predict(self, crops: Sequence[np.ndarray], medians: Sequence[float | None] | None = None,
+                cell_inks: Sequence[float | None] | None = None) -> np.ndarray:
+        """Normalised crops -> softmax probabilities [N, 24] (float32).
+
+        medians: per crop its cell's median length (cell-mode preprocessing); cell_inks: its cell's median ink
+        (the model's size prior, when it has one). None: unknown.
+        """
         n = len(crops)
         if n == 0:
             return np.zeros((0, 24), dtype=np.float32)
@@ -75,7 +80,7 @@ class Predictor:
             x = batch.unsqueeze(1).float().div_(255.0)
             probs, _ = self.model.predict_tensor(x)
             out.append(probs.cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+        return self.model.apply_size_prior(np.concatenate(out).astype(np.float32), crops, cell_inks)
 
     def maybe_reload(self, database: Database) -> bool:
         """Swap to the database's active model if it changed (called by the watcher between cases)."""

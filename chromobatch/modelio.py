@@ -27,6 +27,7 @@ from chromobatch.errors import ModelError
 from chromobatch.files import atomic_write
 from chromobatch.model import ChromosomeNet, create_model
 from chromobatch.preprocess import PreprocessSpec, render, to_tensor
+from chromobatch.sizeprior import SizePrior, ink, relative
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,31 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
+def model_identity(weights_sha256: str, size_prior: SizePrior | None) -> str:
+    """What the database registers a model by: the weights' sha256, combined with the size prior when there
+    is one (the same weights with another prior classify differently, so they are another model version)."""
+    if size_prior is None:
+        return weights_sha256
+    canon = json.dumps(size_prior.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{weights_sha256}\0{canon}".encode()).hexdigest()
+
+
+def attach_size_prior(folder: str | Path, prior: SizePrior | None, info: dict[str, Any]) -> None:
+    """Write (or, with None, remove) a model folder's size prior; `info` (how it was tuned) goes to metrics."""
+    path = Path(folder) / META
+    meta = read_meta(folder)
+    if prior is None:
+        meta.pop("size_prior", None)
+    else:
+        meta["size_prior"] = prior.to_dict()
+    meta.setdefault("metrics", {})["size_prior"] = info
+    atomic_write(path, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+
+
 @dataclass
 class LoadedModel:
-    """A model ready for inference: eval-mode `.net`, its `.meta`, `.spec` and the weights' `.sha256`."""
+    """A model ready for inference: eval-mode `.net`, its `.meta`, `.spec`, optional `.size_prior` and its
+    `.sha256` (`model_identity`: the weights' checksum, or weights + size prior)."""
 
     net: ChromosomeNet
     meta: dict[str, Any]
@@ -112,6 +135,7 @@ class LoadedModel:
     sha256: str
     folder: Path
     device: torch.device
+    size_prior: SizePrior | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -138,8 +162,13 @@ class LoadedModel:
         crops: Sequence[np.ndarray],
         cell_median_lengths: Sequence[float | None] | None = None,
         batch_size: int = 64,
+        cell_inks: Sequence[float | None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised crops -> (probs [N, 24], embeddings [N, D]) as numpy float32."""
+        """Normalised crops -> (probs [N, 24], embeddings [N, D]) as numpy float32.
+
+        cell_inks: per crop, the median ink of its cell (`sizeprior.cell_median_inks`); with a size prior in
+        the model they turn the image probabilities into image + size probabilities (`apply_size_prior`).
+        """
         n = len(crops)
         meds: Sequence[float | None] = cell_median_lengths if cell_median_lengths is not None else [None] * n
         if len(meds) != n:
@@ -152,7 +181,16 @@ class LoadedModel:
             p, e = self.predict_tensor(self.batch_tensor(crops[i : i + batch_size], meds[i : i + batch_size]))
             probs.append(p.cpu().numpy())
             embs.append(e.cpu().numpy())
-        return np.concatenate(probs), np.concatenate(embs)
+        return self.apply_size_prior(np.concatenate(probs), crops, cell_inks), np.concatenate(embs)
+
+    def apply_size_prior(self, probs: np.ndarray, crops: Sequence[np.ndarray],
+                         cell_inks: Sequence[float | None] | None) -> np.ndarray:
+        """Image probabilities -> with the size evidence (unchanged without a prior or without cell inks)."""
+        if self.size_prior is None or cell_inks is None or len(crops) == 0:
+            return probs
+        if len(cell_inks) != len(crops):
+            raise ValueError(f"{len(cell_inks)} cell inks for {len(crops)} crops")
+        return self.size_prior.apply(probs, relative([ink(c) for c in crops], cell_inks))
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -198,4 +236,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
     net.to(dev).eval()
     if dev.type == "cuda":
         net.to(memory_format=torch.channels_last)
-    return LoadedModel(net=net, meta=meta, spec=spec, sha256=sha256_file(wpath), folder=folder, device=dev)
+    prior = SizePrior.from_dict(meta["size_prior"]) if meta.get("size_prior") else None
+    return LoadedModel(net=net, meta=meta, spec=spec, sha256=model_identity(sha256_file(wpath), prior),
+                       folder=folder, device=dev, size_prior=prior)

@@ -27,6 +27,7 @@ from .infer import Predictor, load_predictor
 from .ingest import ScannedCase, raise_if_empty, scan_case, store_in_session
 from .karyotype import cell_karyotype, summarise
 from .preprocess import chromosome_length
+from .sizeprior import cell_median_inks, ink
 
 __all__ = ["ProcessResult", "load_predictor", "process_case"]
 
@@ -45,17 +46,40 @@ class ProcessResult:
     rejected: dict[str, str] = field(default_factory=dict)
 
 
-def _cell_medians(s: Session, scanned: ScannedCase) -> dict[str, float]:
-    """Median chromosome length per cell over everything the cell holds: stored earlier and in the folder."""
+def _cell_references(s: Session, scanned: ScannedCase, predictor: Predictor) -> tuple[dict[str, float],
+                                                                                    dict[str, float | None]]:
+    """Per cell, over everything the cell holds (stored earlier and in the folder): the median chromosome
+    length (for cell-mode preprocessing) and the median ink (for the model's size prior); {} when not needed."""
+    want_length = predictor.model.spec.mode == "cell"
+    prior = predictor.model.size_prior
     lengths: dict[str, dict[str, float]] = defaultdict(dict)
-    rows = (s.query(Cell.name, Chromosome.sha256, Chromosome.width, Chromosome.height)
-            .join(Chromosome, Chromosome.cell_id == Cell.id).join(Case, Case.id == Cell.case_pk)
-            .filter(Case.case_id == scanned.case_id))
-    for cell, sha, w, h in rows:
-        lengths[cell][sha] = float(max(w, h))
+    inks: dict[str, dict[str, float]] = defaultdict(dict)
+    if not (want_length or prior is not None):
+        return {}, {}
+    folder = {a.sha256 for a in scanned.accepted}
     for a in scanned.accepted:
         lengths[a.cell][a.sha256] = chromosome_length(a.crop)
-    return {cell: float(np.median(list(v.values()))) for cell, v in lengths.items()}
+        if prior is not None:
+            inks[a.cell][a.sha256] = ink(a.crop)
+    rows = (s.query(Cell.name, Chromosome.id, Chromosome.sha256, Chromosome.width, Chromosome.height)
+            .join(Chromosome, Chromosome.cell_id == Cell.id).join(Case, Case.id == Cell.case_pk)
+            .filter(Case.case_id == scanned.case_id))
+    stored_elsewhere: dict[int, tuple[str, str]] = {}
+    for cell, chrom_id, sha, w, h in rows:
+        if sha not in folder:
+            lengths[cell][sha] = float(max(w, h))
+            stored_elsewhere[chrom_id] = (cell, sha)
+    if prior is not None and stored_elsewhere:  # stored earlier, not in this folder: measure the stored crops
+        for chrom_id, png in s.query(Chromosome.id, Chromosome.crop_png).filter(
+                Chromosome.id.in_(list(stored_elsewhere))):
+            cell, sha = stored_elsewhere[chrom_id]
+            inks[cell][sha] = ink(decode_png(png))
+    median_lengths = {cell: float(np.median(list(v.values()))) for cell, v in lengths.items()} if want_length else {}
+    median_inks: dict[str, float | None] = {}
+    if prior is not None:
+        for cell, v in inks.items():
+            median_inks[cell] = cell_median_inks(list(v.values()), [cell] * len(v), prior.min_cell)[0]
+    return median_lengths, median_inks
 
 
 def _already_done(s: Session, scanned: ScannedCase, predictor: Predictor) -> Case | None:
@@ -96,9 +120,10 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
             log.info("case %s: already processed with this model and content; skipped", scanned.case_id)
             return ProcessResult(case_id=scanned.case_id, status="skipped", karyotype=done.karyotype,
                                  rejected=dict(scanned.rejected))
-        medians = _cell_medians(s, scanned) if predictor.model.spec.mode == "cell" else {}
+        medians, inks = _cell_references(s, scanned, predictor)
     probs = predictor.predict([a.crop for a in scanned.accepted],
-                              [medians.get(a.cell) for a in scanned.accepted] if medians else None)
+                              [medians.get(a.cell) for a in scanned.accepted] if medians else None,
+                              [inks.get(a.cell) for a in scanned.accepted] if inks else None)
     by_sha = {a.sha256: p for a, p in zip(scanned.accepted, probs, strict=True)}
     t_predict = time.perf_counter()
     with database.session() as s:
@@ -150,7 +175,11 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
             crops = [decode_png(c.crop_png) for c in missing]
             med = float(np.median([max(c.width, c.height) for c in chroms]))
             use_cell = predictor.model.spec.mode == "cell"
-            for c, p in zip(missing, predictor.predict(crops, [med if use_cell else None] * len(crops)), strict=True):
+            prior = predictor.model.size_prior
+            cell_ink = (cell_median_inks([ink(decode_png(c.crop_png)) for c in chroms], [cell.name] * len(chroms),
+                                         prior.min_cell)[0] if prior is not None else None)
+            for c, p in zip(missing, predictor.predict(crops, [med if use_cell else None] * len(crops),
+                                                       [cell_ink] * len(crops)), strict=True):
                 by_sha[c.sha256] = p
         probs = np.stack([by_sha[c.sha256] if (c.sha256 in by_sha and (force or c.id not in existing))
                           else np.asarray(existing[c.id].probabilities, dtype=np.float32) for c in chroms])

@@ -46,6 +46,7 @@ from chromobatch.losses import LossConfig, total_loss
 from chromobatch.model import ChromosomeNet, create_model
 from chromobatch.modelio import LoadedModel, load_model, save_model
 from chromobatch.preprocess import MODES, PreprocessSpec, choose_scale, chromosome_length, to_tensor
+from chromobatch.sizeprior import calibrate as calibrate_size_prior
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ class TrainConfig:
     #: warm start: a model folder whose weights (and preprocessing) the run starts from; the optimiser and
     #: the schedule start fresh. Backbone, input size and embed_dim must match. None = random init.
     init_from: str | None = None
+    #: after training, fit the size prior (chromobatch.sizeprior) on the training cells and tune its weight
+    #: on the validation cells; it is stored only when it improves validation accuracy.
+    size_prior: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
@@ -144,6 +148,8 @@ class TrainResult:
     images_per_second: float
     final_temperature: float
     history_path: Path
+    #: what calibrating the size prior measured (weight, validation accuracy without/with); None if not run
+    size_prior: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -539,6 +545,9 @@ def _train(
     ips = ran * 2 * NUM_CLASSES * dd.world / seconds if seconds > 0 else 0.0
     if main and not have_val:
         save_model(net, meta_for(steps_done, {}), out, half=cfg.half_weights)
+    prior_info = None
+    if main and cfg.size_prior and have_val and val_recs:
+        prior_info = calibrate_size_prior(out, train_recs, val_recs, device=str(device))
     if main:
         _record_run_stats(out, seconds, ips, steps_done)
     return TrainResult(
@@ -551,6 +560,7 @@ def _train(
         images_per_second=ips,
         final_temperature=float(net.temperature().detach()),
         history_path=hist_path,
+        size_prior=prior_info,
     )
 
 
