@@ -41,6 +41,10 @@ WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
 #: a cell needs this many measurable chromosomes before its median means anything (a normal cell has 46).
 MIN_CELL = 10
 MIN_STD = 0.05
+#: fewer measured crops of a class than this: that class gets a broad Gaussian (see `fit`) ...
+MIN_PER_CLASS = 3
+#: ... and with more such classes than this, no prior is fitted at all.
+MAX_BROAD = 4
 
 
 def ink(crop: np.ndarray) -> float:
@@ -141,17 +145,34 @@ def record_relative_inks(records: Sequence[Record], min_cell: int = MIN_CELL) ->
 
 
 def fit(records: Sequence[Record], min_cell: int = MIN_CELL, rel: np.ndarray | None = None) -> SizePrior | None:
-    """Per-class statistics from labelled training records in known cells; None when some class lacks data."""
+    """Per-class statistics from labelled training records in known cells.
+
+    A class with fewer than MIN_PER_CLASS measured crops (say Y in mostly female data) gets a broad Gaussian
+    (all classes' mean and spread), so it is neither favoured nor ruled out; with more than MAX_BROAD such
+    classes there is too little data and the result is None.
+    """
     r = record_relative_inks(records, min_cell) if rel is None else rel
     y = np.array([rec.label for rec in records])
-    mean, std = [], []
+    measured = np.isfinite(r)
+    if not measured.any():
+        log.info("size prior not fitted: no crop in a known cell with %d or more chromosomes", min_cell)
+        return None
+    broad_mean, broad_std = float(r[measured].mean()), max(float(r[measured].std()), MIN_STD)
+    mean, std, broad = [], [], []
     for k in range(NUM_CLASSES):
-        v = r[(y == k) & np.isfinite(r)]
-        if v.size < 5:
-            log.info("size prior not fitted: class index %d has %d measurable crops in known cells", k, v.size)
-            return None
-        mean.append(float(v.mean()))
-        std.append(max(float(v.std()), MIN_STD))
+        v = r[(y == k) & measured]
+        if v.size < MIN_PER_CLASS:
+            broad.append(k)
+            mean.append(broad_mean)
+            std.append(broad_std)
+        else:
+            mean.append(float(v.mean()))
+            std.append(max(float(v.std()), MIN_STD))
+    if len(broad) > MAX_BROAD:
+        log.info("size prior not fitted: %d classes have fewer than %d measured crops", len(broad), MIN_PER_CLASS)
+        return None
+    if broad:
+        log.info("size prior: %d class(es) with too few measured crops get a broad Gaussian", len(broad))
     return SizePrior(mean=tuple(mean), std=tuple(std), weight=0.0, min_cell=min_cell)
 
 
@@ -174,7 +195,7 @@ def calibrate(model_folder: str | Path, train_records: Sequence[Record], val_rec
     prior = fit(train_records, min_cell)
     val = [r for r in val_records if r.cell_key]
     if prior is None or not val:
-        info: dict[str, Any] = {"weight": 0.0, "reason": "no class-complete training cells" if prior is None
+        info: dict[str, Any] = {"weight": 0.0, "reason": "too few measured training cells" if prior is None
                                 else "no validation records with known cells"}
         attach_size_prior(model_folder, None, info)
         return info

@@ -104,7 +104,12 @@ def test_fit_learns_the_size_order_and_tuning_picks_a_weight_only_when_it_helps(
     assert weight > 0 and accs[weight] > 0.8 and accs[0.0] < 0.1
     perfect = np.eye(NUM_CLASSES, dtype=np.float32)[y] * 0.9 + 0.1 / NUM_CLASSES
     assert tune_weight(prior, perfect, rel, y)[0] == 0.0  # nothing to gain: the prior stays off
-    assert fit(train[:NUM_CLASSES - 1], min_cell=10) is None  # a class without data: no prior
+    no_y = [r for r in train if r.label != NUM_CLASSES - 1]  # say, female cells only
+    broad = fit(no_y, min_cell=10)
+    assert broad is not None and broad.std[-1] > 5 * max(broad.std[:-1])  # Y: broad, neither favoured nor ruled out
+    assert np.diff(broad.mean[:-1]) == pytest.approx(np.diff(prior.mean[:-1]), abs=0.01)  # cell median shifts only
+    few = [r for r in train if r.label < NUM_CLASSES - 5]  # five classes missing: too little data
+    assert fit(few, min_cell=10) is None
 
 
 def test_a_prior_changes_the_model_identity_and_its_predictions(tiny_model_dir: Path, tmp_path: Path) -> None:

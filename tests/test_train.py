@@ -257,6 +257,12 @@ def test_cli_train_then_evaluate_end_to_end(tmp_path: Path, synth_manifest: Path
                             "--device", "cpu", "--no-progress", "--resume"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "24 steps" in r.output
+    assert "size prior:" in r.output  # fitted on the training cells, weight tuned on the validation cells
+    tuned = json.loads((model / "model.json").read_text())["metrics"]["size_prior"]
+    assert set(tuned["val_accuracy_by_weight"]) >= {"0", "0.5"} and tuned["val_n"] > 0
+    assert ("size_prior" in json.loads((model / "model.json").read_text())) == (tuned["weight"] > 0)
+    r = runner.invoke(app, ["calibrate", "--model", str(model), "--data", str(synth_manifest)])
+    assert r.exit_code == 0 and "size prior:" in r.output, r.output
     report, metrics = tmp_path / "report", tmp_path / "metrics.json"
     r = runner.invoke(app, ["evaluate", "--model", str(model), "--data", str(synth_manifest), "--json", str(metrics),
                             "--out", str(report)])  # fmt: skip
