@@ -5,7 +5,8 @@
 #   benchmarks/ablation.sh table        print the markdown table of everything finished so far
 #   benchmarks/ablation.sh NAME...      run only these runs
 #
-# Each run trains with `chromobatch train` (fixed budget, no early stopping, best-by-validation model kept) and
+# Each run trains with `chromobatch train` (fixed budget, no early stopping, best-by-validation model kept; the
+# image model alone: --no-size-prior, so runs stay comparable with those made before the size prior) and
 # evaluates the model on the g612 test split and the bioimlab test split (cross-dataset for the other one).
 # Runs are sequential and niced: the machine is 2 shared cores. Data and outputs live outside the repository.
 set -euo pipefail
@@ -80,7 +81,7 @@ run_one() {
     echo "[$(date -u +%FT%TZ)] train $name: chromobatch train --data $data --out $out/model $flags" | tee -a "$RUNS/log"
     # shellcheck disable=SC2086
     nice -n 10 "$PY" -m chromobatch.cli train --data "$data" --out "$out/model" $flags --val-every 200 \
-      --checkpoint-every 200 --patience 0 --no-progress --device cpu >"$out/train.log" 2>&1
+      --checkpoint-every 200 --patience 0 --no-size-prior --no-progress --device cpu >"$out/train.log" 2>&1
     touch "$out/done"
   fi
   for ev in g612 bioimlab; do

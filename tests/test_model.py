@@ -185,6 +185,9 @@ def test_shipped_default_model_loads_and_predicts() -> None:
     probs, emb = lm.predict([bar(40), bar(70)])
     assert probs.shape == (2, 24) and emb.shape[0] == 2
     assert (folder / "README.md").is_file()
+    prior = lm.size_prior  # relative DNA content per class, fitted on real cells: the big ones hold more
+    assert prior is not None and 0 < prior.weight <= 1
+    assert prior.mean[0] > prior.mean[11] > prior.mean[17] > prior.mean[20]  # 1 > 12 > 18 > 21
 
 
 def test_metrics_on_a_known_confusion() -> None:
