@@ -31,7 +31,7 @@ from chromobatch.imaging import load_chromosome  # noqa: E402
 from chromobatch.karyotype import cell_karyotype  # noqa: E402
 from chromobatch.modelio import load_model  # noqa: E402
 from chromobatch.preprocess import chromosome_length  # noqa: E402
-from chromobatch.sizeprior import cell_median_inks, ink  # noqa: E402
+from chromobatch.sizeprior import ink, relative_inks  # noqa: E402
 
 
 def load_cells(manifest: Path, split: str) -> dict[str, tuple[list[np.ndarray], list[str]]]:
@@ -53,9 +53,9 @@ def predict_cells(model_dir: Path, cells: dict[str, tuple[list[np.ndarray], list
     for key, (crops, _) in cells.items():
         med = float(np.median([chromosome_length(c) for c in crops]))
         meds = [med] * len(crops) if model.spec.mode == "cell" else None
-        inks = (cell_median_inks([ink(c) for c in crops], [key] * len(crops), model.size_prior.min_cell)
-                if model.size_prior is not None else None)  # the model's size prior, as the pipeline uses it
-        out[key] = model.predict(crops, meds, cell_inks=inks)[0]
+        rel = (relative_inks([ink(c) for c in crops], [key] * len(crops), model.size_prior.min_cell)
+               if model.size_prior is not None else None)  # the model's size prior, as the pipeline uses it
+        out[key] = model.predict(crops, meds, rel_inks=rel)[0]
     return out
 
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from chromobatch.data import load_records  # noqa: E402
 from chromobatch.modelio import load_model  # noqa: E402
 from chromobatch.orient import background_level, chromosome_mask, upright  # noqa: E402
-from chromobatch.sizeprior import WEIGHTS, ink  # noqa: E402
+from chromobatch.sizeprior import WEIGHTS, ink, relative_inks  # noqa: E402
 
 FEATURES = ("longest_side", "upright_length", "area", "ink")
 COMBOS = (("longest_side",), ("upright_length",), ("area",), ("ink",), ("upright_length", "ink"),
@@ -42,17 +41,8 @@ def measure(crop: np.ndarray) -> list[float]:
 
 
 def relative_to_cell(values: np.ndarray, cells: list[str]) -> np.ndarray:
-    """log(value / cell median) per column; NaN for non-positive values."""
-    out = np.full(values.shape, np.nan)
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, c in enumerate(cells):
-        groups[c].append(i)
-    for idx in groups.values():
-        v = values[idx]
-        med = np.array([np.median(col[col > 0]) if (col > 0).any() else np.nan for col in v.T])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[idx] = np.where(v > 0, np.log(v / med), np.nan)
-    return out
+    """log(value / cell median) per column, as the size prior computes it for ink; NaN for non-positive values."""
+    return np.stack([relative_inks(col, cells, min_cell=1) for col in values.T], axis=1)
 
 
 def gaussian_ll(rel: np.ndarray, y: np.ndarray, train: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from chromobatch.data import Record, cell_median_lengths, load_records
 from chromobatch.errors import DataError
 from chromobatch.model import ChromosomeNet
 from chromobatch.modelio import LoadedModel, load_model
-from chromobatch.sizeprior import record_cell_inks
+from chromobatch.sizeprior import record_relative_inks
 
 log = logging.getLogger(__name__)
 
@@ -276,18 +276,16 @@ def evaluate(
     if not records:
         raise DataError(f"{data_name}: no images in split {split!r}")
     meds = cell_median_lengths(records) if lm.spec.mode == "cell" else None
-    if not size_prior:
-        lm.size_prior = None
-    inks = record_cell_inks(records, lm.size_prior.min_cell) if lm.size_prior is not None else None
-    probs, emb = lm.predict([r.crop for r in records], meds, batch_size=batch_size, cell_inks=inks)
+    prior = lm.size_prior if size_prior else None
+    rel = record_relative_inks(records, prior.min_cell) if prior is not None else None
+    probs, emb = lm.predict([r.crop for r in records], meds, batch_size=batch_size, rel_inks=rel)
     y = np.array([r.label for r in records])
     metrics = compute_metrics(y, probs)
     metrics.update(
         model={"folder": str(model_folder), "backbone": lm.meta["backbone"], "sha256": lm.sha256,
                "preprocess": lm.spec.to_dict(),
-               "size_prior": None if lm.size_prior is None else {
-                   "weight": lm.size_prior.weight,
-                   "applied_to": sum(1 for v in (inks or []) if v is not None)}},
+               "size_prior": None if prior is None or rel is None else {
+                   "weight": prior.weight, "applied_to": int(np.isfinite(rel).sum())}},
         data=data_name,
         split=split or "all",
         seconds=round(time.perf_counter() - t0, 2),

@@ -63,11 +63,11 @@ class Predictor:
         self.pinned = pinned
 
     def predict(self, crops: Sequence[np.ndarray], medians: Sequence[float | None] | None = None,
-                cell_inks: Sequence[float | None] | None = None) -> np.ndarray:
+                rel_inks: Sequence[float] | None = None) -> np.ndarray:
         """Normalised crops -> softmax probabilities [N, 24] (float32).
 
-        medians: per crop its cell's median length (cell-mode preprocessing); cell_inks: its cell's median ink
-        (the model's size prior, when it has one). None: unknown.
+        medians: per crop its cell's median length (cell-mode preprocessing); rel_inks: its log ink relative
+        to its cell (`sizeprior.relative_inks`, for the model's size prior). None: unknown.
         """
         n = len(crops)
         if n == 0:
@@ -80,7 +80,7 @@ class Predictor:
             x = batch.unsqueeze(1).float().div_(255.0)
             probs, _ = self.model.predict_tensor(x)
             out.append(probs.cpu().numpy())
-        return self.model.apply_size_prior(np.concatenate(out).astype(np.float32), crops, cell_inks)
+        return self.model.apply_size_prior(np.concatenate(out).astype(np.float32), rel_inks)
 
     def maybe_reload(self, database: Database) -> bool:
         """Swap to the database's active model if it changed (called by the watcher between cases)."""

@@ -27,7 +27,7 @@ from chromobatch.errors import ModelError
 from chromobatch.files import atomic_write
 from chromobatch.model import ChromosomeNet, create_model
 from chromobatch.preprocess import PreprocessSpec, render, to_tensor
-from chromobatch.sizeprior import SizePrior, ink, relative
+from chromobatch.sizeprior import SizePrior
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,12 @@ class LoadedModel:
         crops: Sequence[np.ndarray],
         cell_median_lengths: Sequence[float | None] | None = None,
         batch_size: int = 64,
-        cell_inks: Sequence[float | None] | None = None,
+        rel_inks: Sequence[float] | np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Normalised crops -> (probs [N, 24], embeddings [N, D]) as numpy float32.
 
-        cell_inks: per crop, the median ink of its cell (`sizeprior.cell_median_inks`); with a size prior in
-        the model they turn the image probabilities into image + size probabilities (`apply_size_prior`).
+        rel_inks: per crop, its log ink relative to its cell (`sizeprior.relative_inks`, NaN = unknown); with a
+        size prior in the model they turn the image probabilities into image + size probabilities.
         """
         n = len(crops)
         meds: Sequence[float | None] = cell_median_lengths if cell_median_lengths is not None else [None] * n
@@ -181,16 +181,15 @@ class LoadedModel:
             p, e = self.predict_tensor(self.batch_tensor(crops[i : i + batch_size], meds[i : i + batch_size]))
             probs.append(p.cpu().numpy())
             embs.append(e.cpu().numpy())
-        return self.apply_size_prior(np.concatenate(probs), crops, cell_inks), np.concatenate(embs)
+        return self.apply_size_prior(np.concatenate(probs), rel_inks), np.concatenate(embs)
 
-    def apply_size_prior(self, probs: np.ndarray, crops: Sequence[np.ndarray],
-                         cell_inks: Sequence[float | None] | None) -> np.ndarray:
-        """Image probabilities -> with the size evidence (unchanged without a prior or without cell inks)."""
-        if self.size_prior is None or cell_inks is None or len(crops) == 0:
+    def apply_size_prior(self, probs: np.ndarray, rel_inks: Sequence[float] | np.ndarray | None) -> np.ndarray:
+        """Image probabilities -> with the size evidence (unchanged without a prior or without rel_inks)."""
+        if self.size_prior is None or rel_inks is None:
             return probs
-        if len(cell_inks) != len(crops):
-            raise ValueError(f"{len(cell_inks)} cell inks for {len(crops)} crops")
-        return self.size_prior.apply(probs, relative([ink(c) for c in crops], cell_inks))
+        if len(rel_inks) != len(probs):
+            raise ValueError(f"{len(rel_inks)} relative inks for {len(probs)} crops")
+        return self.size_prior.apply(probs, np.asarray(rel_inks, dtype=np.float64))
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

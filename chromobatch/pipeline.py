@@ -27,7 +27,7 @@ from .infer import Predictor, load_predictor
 from .ingest import ScannedCase, raise_if_empty, scan_case, store_in_session
 from .karyotype import cell_karyotype, summarise
 from .preprocess import chromosome_length
-from .sizeprior import cell_median_inks, ink
+from .sizeprior import ink, relative_inks
 
 __all__ = ["ProcessResult", "load_predictor", "process_case"]
 
@@ -47,16 +47,17 @@ class ProcessResult:
 
 
 def _cell_references(s: Session, scanned: ScannedCase, predictor: Predictor) -> tuple[dict[str, float],
-                                                                                    dict[str, float | None]]:
-    """Per cell, over everything the cell holds (stored earlier and in the folder): the median chromosome
-    length (for cell-mode preprocessing) and the median ink (for the model's size prior); {} when not needed."""
+                                                                                    dict[str, float]]:
+    """Over everything each cell holds (stored earlier and in the folder): per cell, the median chromosome
+    length (cell-mode preprocessing); per chromosome sha256, its log ink relative to its cell (the model's
+    size prior, `sizeprior.relative_inks`). Each is {} when the model does not need it."""
     want_length = predictor.model.spec.mode == "cell"
     prior = predictor.model.size_prior
-    lengths: dict[str, dict[str, float]] = defaultdict(dict)
-    inks: dict[str, dict[str, float]] = defaultdict(dict)
     if not (want_length or prior is not None):
         return {}, {}
-    folder = {a.sha256 for a in scanned.accepted}
+    lengths: dict[str, dict[str, float]] = defaultdict(dict)
+    inks: dict[str, dict[str, float]] = defaultdict(dict)
+    in_folder = {a.sha256 for a in scanned.accepted}
     for a in scanned.accepted:
         lengths[a.cell][a.sha256] = chromosome_length(a.crop)
         if prior is not None:
@@ -66,7 +67,7 @@ def _cell_references(s: Session, scanned: ScannedCase, predictor: Predictor) -> 
             .filter(Case.case_id == scanned.case_id))
     stored_elsewhere: dict[int, tuple[str, str]] = {}
     for cell, chrom_id, sha, w, h in rows:
-        if sha not in folder:
+        if sha not in in_folder:
             lengths[cell][sha] = float(max(w, h))
             stored_elsewhere[chrom_id] = (cell, sha)
     if prior is not None and stored_elsewhere:  # stored earlier, not in this folder: measure the stored crops
@@ -75,11 +76,12 @@ def _cell_references(s: Session, scanned: ScannedCase, predictor: Predictor) -> 
             cell, sha = stored_elsewhere[chrom_id]
             inks[cell][sha] = ink(decode_png(png))
     median_lengths = {cell: float(np.median(list(v.values()))) for cell, v in lengths.items()} if want_length else {}
-    median_inks: dict[str, float | None] = {}
+    rel_by_sha: dict[str, float] = {}
     if prior is not None:
-        for cell, v in inks.items():
-            median_inks[cell] = cell_median_inks(list(v.values()), [cell] * len(v), prior.min_cell)[0]
-    return median_lengths, median_inks
+        for cell, by_sha in inks.items():
+            rel_by_sha.update(zip(by_sha, relative_inks(list(by_sha.values()), [cell] * len(by_sha),
+                                                        prior.min_cell), strict=True))
+    return median_lengths, rel_by_sha
 
 
 def _already_done(s: Session, scanned: ScannedCase, predictor: Predictor) -> Case | None:
@@ -120,10 +122,10 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
             log.info("case %s: already processed with this model and content; skipped", scanned.case_id)
             return ProcessResult(case_id=scanned.case_id, status="skipped", karyotype=done.karyotype,
                                  rejected=dict(scanned.rejected))
-        medians, inks = _cell_references(s, scanned, predictor)
+        medians, rel_inks = _cell_references(s, scanned, predictor)
     probs = predictor.predict([a.crop for a in scanned.accepted],
                               [medians.get(a.cell) for a in scanned.accepted] if medians else None,
-                              [inks.get(a.cell) for a in scanned.accepted] if inks else None)
+                              [rel_inks[a.sha256] for a in scanned.accepted] if rel_inks else None)
     by_sha = {a.sha256: p for a, p in zip(scanned.accepted, probs, strict=True)}
     t_predict = time.perf_counter()
     with database.session() as s:
@@ -172,14 +174,17 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
             continue
         missing = [c for c in chroms if c.sha256 not in by_sha and (force or c.id not in existing)]
         if missing:  # stored earlier, not in this folder: predict from the stored crops
-            crops = [decode_png(c.crop_png) for c in missing]
+            prior = predictor.model.size_prior
+            # the size prior measures the whole cell, so then every stored crop of it is decoded (once)
+            decoded = {c.id: decode_png(c.crop_png) for c in (chroms if prior is not None else missing)}
+            rel = (dict(zip((c.id for c in chroms), relative_inks([ink(decoded[c.id]) for c in chroms],
+                                                                  [cell.name] * len(chroms), prior.min_cell),
+                            strict=True)) if prior is not None else None)
             med = float(np.median([max(c.width, c.height) for c in chroms]))
             use_cell = predictor.model.spec.mode == "cell"
-            prior = predictor.model.size_prior
-            cell_ink = (cell_median_inks([ink(decode_png(c.crop_png)) for c in chroms], [cell.name] * len(chroms),
-                                         prior.min_cell)[0] if prior is not None else None)
-            for c, p in zip(missing, predictor.predict(crops, [med if use_cell else None] * len(crops),
-                                                       [cell_ink] * len(crops)), strict=True):
+            probs_missing = predictor.predict([decoded[c.id] for c in missing], [med if use_cell else None] *
+                                              len(missing), [rel[c.id] for c in missing] if rel else None)
+            for c, p in zip(missing, probs_missing, strict=True):
                 by_sha[c.sha256] = p
         probs = np.stack([by_sha[c.sha256] if (c.sha256 in by_sha and (force or c.id not in existing))
                           else np.asarray(existing[c.id].probabilities, dtype=np.float32) for c in chroms])

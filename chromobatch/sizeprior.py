@@ -133,15 +133,15 @@ class SizePrior:
         return out.astype(np.float32)
 
 
-def record_cell_inks(records: Sequence[Record], min_cell: int = MIN_CELL) -> list[float | None]:
-    """Per record, the median ink of its cell (None where the cell is unknown or too small)."""
-    return cell_median_inks([ink(r.crop) for r in records], [r.cell_key for r in records], min_cell)
+def relative_inks(inks: Sequence[float], cells: Sequence[str], min_cell: int = MIN_CELL) -> np.ndarray:
+    """log(ink / median ink of the crop's cell) per crop: what `SizePrior.apply` takes. NaN where the cell is
+    unknown ('') or has fewer than `min_cell` measurable crops."""
+    return relative(inks, cell_median_inks(inks, cells, min_cell))
 
 
 def record_relative_inks(records: Sequence[Record], min_cell: int = MIN_CELL) -> np.ndarray:
     """log relative ink of every record (NaN where its cell is unknown or too small)."""
-    inks = [ink(r.crop) for r in records]
-    return relative(inks, cell_median_inks(inks, [r.cell_key for r in records], min_cell))
+    return relative_inks([ink(r.crop) for r in records], [r.cell_key for r in records], min_cell)
 
 
 def fit(records: Sequence[Record], min_cell: int = MIN_CELL, rel: np.ndarray | None = None) -> SizePrior | None:
@@ -200,7 +200,7 @@ def calibrate(model_folder: str | Path, train_records: Sequence[Record], val_rec
         attach_size_prior(model_folder, None, info)
         return info
     lm = load_model(model_folder, device=device)
-    # without cell_inks, predict gives the image probabilities even when the folder has a prior already
+    # without rel_inks, predict gives the image probabilities even when the folder has a prior already
     probs, _ = lm.predict([r.crop for r in val], cell_median_lengths(val) if lm.spec.mode == "cell" else None)
     rel = record_relative_inks(val, min_cell)
     weight, accs = tune_weight(prior, probs, rel, np.array([r.label for r in val]))

@@ -546,7 +546,7 @@ def _train(
     if main and not have_val:
         save_model(net, meta_for(steps_done, {}), out, half=cfg.half_weights)
     prior_info = None
-    if main and cfg.size_prior and have_val and val_recs:
+    if main and cfg.size_prior and have_val:
         prior_info = calibrate_size_prior(out, train_recs, val_recs, device=str(device))
     if main:
         _record_run_stats(out, seconds, ips, steps_done)

@@ -125,7 +125,7 @@ def test_a_prior_changes_the_model_identity_and_its_predictions(tiny_model_dir: 
     base, _ = with_prior.predict(crops)
     assert np.allclose(base, plain.predict(crops)[0], atol=1e-6)  # no cell inks: the image model alone
     cell_ink = math.sqrt(ink(crops[0]) * ink(crops[1]))  # geometric middle: one big, one small
-    probs, _ = with_prior.predict(crops, cell_inks=[cell_ink, cell_ink])
+    probs, _ = with_prior.predict(crops, rel_inks=relative([ink(c) for c in crops], [cell_ink, cell_ink]))
     assert [CLASSES[i] for i in probs.argmax(1)] == ["1", "21"]
     attach_size_prior(folder, None, {"weight": 0.0})
     assert load_model(folder).sha256 == plain.sha256
