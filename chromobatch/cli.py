@@ -615,8 +615,10 @@ def calibrate(
     """Fit a model's size prior on labelled cells (what `train` does at its end), e.g. for a model trained
     elsewhere. Without a split column, 10% of the cells tune the weight."""
     from .data import load_records, split_records
+    from .modelio import read_meta
     from .sizeprior import calibrate as run_calibration
 
+    read_meta(model)  # a wrong --model fails before the data is decoded
     train_recs, val_recs = split_records(load_records(data, splits=("train", "val")))
     typer.echo(_prior_line(run_calibration(model, train_recs, val_recs, device=device)))
 
