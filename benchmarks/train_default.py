@@ -32,6 +32,16 @@ ap.add_argument("--lr", type=float, default=1e-3)
 ap.add_argument("--init-from", default=None, help="warm start from this model folder")
 ap.add_argument("--preprocess", default="fixed", help="fixed, cell or fit")
 ap.add_argument("--size-power", type=float, default=1.0, help="fixed/cell size-range compression")
+ap.add_argument("--scl", action="store_true", help="train with SCL (the paper's loss) instead of plain focal")
+ap.add_argument("--input-size", type=int, default=96)
+ap.add_argument("--time-budget", type=float, default=None, help="minutes the training loop may run")
+ap.add_argument("--device", default="auto")
+ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--val-every", type=int, default=250)
+ap.add_argument("--checkpoint-every", type=int, default=250)
+ap.add_argument("--val-limit", type=int, default=2000, help="validation subset size; 0 = the whole split")
+ap.add_argument("--half", action="store_true", help="store fp16 weights")
+ap.add_argument("--no-size-prior", action="store_true", help="skip fitting the size prior (calibrate later)")
 args = ap.parse_args()
 
 synth_manifest = Path(args.synth_dir) / "manifest.csv"
@@ -40,7 +50,10 @@ if not synth_manifest.is_file():
 real = load_records(args.g612, splits=("train", "val"))
 synth = [replace(r, split="train", patient="synth-" + r.patient) for r in
          load_records(synth_manifest, splits=("train", "val"))]
-cfg = TrainConfig(backbone="resnet18", input_size=96, steps=args.steps, lr=args.lr, val_every=250,
-                  checkpoint_every=250, patience=0, no_scl=True, orient="upright", init_from=args.init_from,
-                  preprocess=args.preprocess, size_power=args.size_power)
+cfg = TrainConfig(backbone="resnet18", input_size=args.input_size, steps=args.steps, lr=args.lr,
+                  val_every=args.val_every, checkpoint_every=args.checkpoint_every, val_limit=args.val_limit or None,
+                  patience=0, no_scl=not args.scl, orient="upright", init_from=args.init_from,
+                  preprocess=args.preprocess, size_power=args.size_power, seed=args.seed, device=args.device,
+                  half_weights=args.half, size_prior=not args.no_size_prior,
+                  time_budget_s=None if args.time_budget is None else 60 * args.time_budget)
 print(train(cfg, real + synth, args.out, progress=False), flush=True)

@@ -530,6 +530,8 @@ def train(
     orient: Annotated[str, typer.Option("--orient", help="none, or upright: turn each crop's long axis vertical "
                                                           "before the model (crops cut at any angle).")] = "none",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Minutes the training loop may run; "
+                           "the schedule anneals over whichever runs out first, --steps or time.")] = None,
     variant: Annotated[str, typer.Option(help="paper (the text) or code (the authors' public code).")] = "paper",
     rotate: Annotated[float, typer.Option(help="Random rotation augmentation in degrees (+-); 180 for crops in "
                                                "metaphase orientation.")] = 15.0,
@@ -580,7 +582,8 @@ def train(
                       lambda_con=lambda_con, lambda_cls=lambda_cls, lr=lr, seed=seed, preprocess=preprocess,
                       checkpoint_every=checkpoint_every, val_every=val_every, patience=patience, device=device,
                       variant=variant, augment=AugmentConfig(rotate_deg=rotate),
-                      init_from=str(init_from) if init_from is not None else None, size_prior=size_prior)
+                      init_from=str(init_from) if init_from is not None else None, size_prior=size_prior,
+                      time_budget_s=None if time_budget is None else time_budget * 60)
     if db is not None:
         _train_from_db(cfg, db, models_dir=models_dir, margin=margin, val_fraction=val_fraction, lock=lock,
                        promote=promote, progress=progress, warm_start=warm_start)
@@ -590,7 +593,8 @@ def train(
     best = "-" if result.best_val_accuracy is None else f"{result.best_val_accuracy:.4f} (step {result.best_step})"
     typer.echo(f"trained {backbone}: {result.steps_done} steps in {result.seconds:.0f}s "
                f"({result.images_per_second:.0f} images/s), best val accuracy {best}, t={result.final_temperature:.2f}"
-               f"{', stopped early' if result.stopped_early else ''}")
+               f"{', stopped early' if result.stopped_early else ''}"
+               f"{', stopped at the time budget' if result.out_of_time else ''}")
     if result.size_prior is not None:
         typer.echo(_prior_line(result.size_prior))
     typer.echo(f"model written to {result.model_dir}")

@@ -95,6 +95,10 @@ class TrainConfig:
     #: after training, fit the size prior (chromobatch.sizeprior) on the training cells and tune its weight
     #: on the validation cells; it is stored only when it improves validation accuracy.
     size_prior: bool = True
+    #: wall-clock budget of the training loop (data preparation not counted) in seconds (a nightly window, a lent GPU); None = none. The
+    #: schedule then anneals over whichever runs out first, steps or time, and the run stops at the budget
+    #: with a last validation and checkpoint. Runs stopped by time are not step-for-step reproducible.
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
@@ -111,6 +115,8 @@ class TrainConfig:
             raise ConfigError(f"schedule must be cosine or exp, not {self.schedule!r}")
         if not 0 < self.size_power <= 1:
             raise ConfigError(f"--size-power must be in (0, 1], not {self.size_power}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError(f"--time-budget must be > 0, not {self.time_budget_s}")
         if self.steps < 1 or self.lr <= 0 or self.input_size < 16 or self.embed_dim < 1:
             raise ConfigError("steps >= 1, lr > 0, input_size >= 16 and embed_dim >= 1 are required")
 
@@ -148,6 +154,8 @@ class TrainResult:
     images_per_second: float
     final_temperature: float
     history_path: Path
+    #: True when --time-budget ended the run before its last step
+    out_of_time: bool = False
     #: what calibrating the size prior measured (weight, validation accuracy without/with); None if not run
     size_prior: dict[str, Any] | None = None
 
@@ -155,12 +163,14 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine (or exponential) decay to min_lr_ratio at the last step."""
+def lr_factor(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
+    """Linear warm-up, then cosine (or exponential) decay to min_lr_ratio at the last step.
+
+    `time_frac` (the share of a time budget spent) moves the decay on when time runs out before the steps do."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)
-    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    frac = min(1.0, max((step - cfg.warmup_steps) / span, time_frac))
     if cfg.resolved_schedule() == "exp":
         return cfg.min_lr_ratio**frac
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
@@ -457,11 +467,25 @@ def _train(
     t0 = time.perf_counter()
     step = start
     acc_ema: float | None = None
-    stopped_early = False
+    stopped_early = ran_out = False
     hist = hist_path.open("a") if main else None
+    time_frac = 0.0
+
+    def spent() -> float:
+        """Share of the time budget used, agreed by all ranks (rank 0's clock) so they stop at the same step."""
+        if cfg.time_budget_s is None:
+            return 0.0
+        frac = torch.tensor([(time.perf_counter() - t0) / cfg.time_budget_s])
+        if dd.active:
+            frac = frac.to(device) if device.type == "cuda" else frac
+            dist.broadcast(frac, src=0)
+        return float(frac[0])
+
     model.train()
     try:
         for step in range(start, cfg.steps):
+            if cfg.time_budget_s is not None and (step - start) % cfg.log_every == 0:
+                time_frac = spent()
             i1, i2 = sampler.sample()
             idx = torch.from_numpy(np.concatenate([i1, i2])).to(device)
             x = augment(to_tensor(images[idx]).unsqueeze(1), cfg.augment, gen)
@@ -476,7 +500,7 @@ def _train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step, cfg)
+                g["lr"] = cfg.lr * lr_factor(step, cfg, time_frac)
             opt.step()
             net.clamp_logit_scale()
             if not math.isfinite(float(parts["loss"])):
@@ -486,7 +510,9 @@ def _train(
             acc_ema = acc if acc_ema is None else 0.9 * acc_ema + 0.1 * acc
             done = step + 1
             bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            out_of_time = time_frac >= 1.0 and done >= cfg.warmup_steps
+            last = done == cfg.steps or out_of_time
+            if done % cfg.log_every == 0 or last:
                 t = float(net.temperature().detach())
                 row = {k: round(float(v), 5) for k, v in parts.items()}
                 row.update(step=done, acc=round(acc_ema, 4), t=round(t, 3), lr=opt.param_groups[0]["lr"])
@@ -495,7 +521,7 @@ def _train(
                     hist.write(json.dumps(row) + "\n")
                     hist.flush()
             stop = False
-            if have_val and (done % cfg.val_every == 0 or done == cfg.steps):
+            if have_val and (done % cfg.val_every == 0 or last):
                 flag = torch.zeros(2)
                 if main:
                     va = validate()
@@ -515,7 +541,7 @@ def _train(
                     flag = flag.to(device) if device.type == "cuda" else flag
                     dist.broadcast(flag, src=0)
                 stop = bool(flag[0])
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
+            if done % cfg.checkpoint_every == 0 or last or stop:
                 sampler_states = {str(dd.rank): sampler.get_state()}
                 if dd.active:
                     gathered: list[Any] = [None] * dd.world
@@ -534,6 +560,10 @@ def _train(
             if stop:
                 stopped_early = True
                 log.info("early stop at step %d: no better validation accuracy in %d checks", done, cfg.patience)
+                break
+            if out_of_time:
+                log.info("time budget of %.0fs spent at step %d of %d", cfg.time_budget_s, done, cfg.steps)
+                ran_out = True
                 break
     finally:
         bar.close()
@@ -561,6 +591,7 @@ def _train(
         final_temperature=float(net.temperature().detach()),
         history_path=hist_path,
         size_prior=prior_info,
+        out_of_time=ran_out,
     )
 
 
