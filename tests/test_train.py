@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -27,8 +28,8 @@ from chromobatch.data import (
     records_from_arrays,
     split_records,
 )
-from chromobatch.errors import DataError
-from chromobatch.train import TrainConfig, train
+from chromobatch.errors import ConfigError, DataError
+from chromobatch.train import TrainConfig, lr_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,6 +182,32 @@ def test_no_scl_baseline_has_no_contrastive_term(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in res.history_path.read_text().splitlines()]
     assert all("con" not in r for r in rows)
     assert res.final_temperature == pytest.approx(1 / 0.07, rel=1e-5)  # untouched: not a parameter being trained
+
+
+def test_lr_factor_anneals_over_the_time_budget_when_it_runs_out_first() -> None:
+    cfg = tiny_config(steps=1000, warmup_steps=10, min_lr_ratio=0.01)
+    assert lr_factor(500, cfg) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 490 / 990)))
+    assert lr_factor(500, cfg, time_frac=0.9) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert lr_factor(500, cfg, time_frac=2.0) == pytest.approx(0.01)
+    assert lr_factor(500, cfg, time_frac=0.1) == lr_factor(500, cfg)  # steps ahead of time: steps decide
+    assert lr_factor(3, cfg, time_frac=0.9) == pytest.approx(0.4)  # warm-up is by steps
+
+
+def test_time_budget_stops_with_a_validated_model_and_a_checkpoint(tmp_path: Path) -> None:
+    recs = blob_records(3)
+    res = train(tiny_config(steps=100_000, val_every=100_000, checkpoint_every=100_000, time_budget_s=1.5),
+                recs, tmp_path / "m", progress=False)  # fmt: skip
+    assert res.out_of_time and not res.stopped_early
+    assert 2 <= res.steps_done < 100_000
+    rows = [json.loads(line) for line in res.history_path.read_text().splitlines()]
+    assert rows[-1] == {"step": res.steps_done, "val_acc": pytest.approx(res.best_val_accuracy, abs=1e-5)}
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[-1] < 0.2 * max(lrs)  # the cosine ran down over the budget, not over the 100,000 steps
+    state = json.loads((tmp_path / "m" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == res.steps_done
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    with pytest.raises(ConfigError):
+        tiny_config(time_budget_s=0)
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
