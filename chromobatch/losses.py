@@ -21,13 +21,17 @@ def _full(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Mean focal loss (Lin et al.): -(1 - p_y)^gamma log p_y. gamma = 0 is cross-entropy."""
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, reduction: str = "mean") -> torch.Tensor:
+    """Focal loss (Lin et al.): -(1 - p_y)^gamma log p_y, mean over rows (reduction="none": per row).
+
+    gamma = 0 is cross-entropy."""
     logp = F.log_softmax(_full(logits), dim=-1).gather(-1, targets.view(-1, 1)).squeeze(-1)
-    if gamma == 0:
-        return -logp.mean()
-    p = logp.exp()
-    return (-((1.0 - p).clamp(min=0.0) ** gamma) * logp).mean()
+    per_row = -logp if gamma == 0 else -((1.0 - logp.exp()).clamp(min=0.0) ** gamma) * logp
+    if reduction == "none":
+        return per_row
+    if reduction != "mean":
+        raise ValueError(f"reduction must be mean or none, not {reduction!r}")
+    return per_row.mean()
 
 
 def temperature_from(logit_scale: torch.Tensor) -> torch.Tensor:
@@ -64,12 +68,14 @@ def scl_loss(
         raise ValueError(f"e1 and e2 must have the same shape, got {tuple(e1.shape)} and {tuple(e2.shape)}")
     if targets is None:
         targets = torch.arange(e1.shape[0], device=e1.device)
-    total = _full(e1).new_zeros(())
-    for s in similarity_matrices(e1, e2, logit_scale):
-        rows = focal_loss(s, targets, gamma)
-        cols = focal_loss(s.T, targets, gamma)
-        total = total + matrix_weight * (rows + cols)
-    return focal_scale * total
+    n = e1.shape[0]
+    s11, s12, s22 = similarity_matrices(e1, e2, logit_scale)
+    # The six focal terms as one batch (rows, then columns as rows of the transpose): on a GPU the step is
+    # bound by kernel launches, and six separate small losses made an SCL step 35% slower than a plain one.
+    # Each term is a mean over n rows, so their sum is the sum over all 6n rows divided by n.
+    logits = torch.stack([s11, s11.T, s12, s12.T, s22, s22.T]).reshape(6 * n, n)
+    per_row = focal_loss(logits, targets.repeat(6), gamma, reduction="none")
+    return focal_scale * matrix_weight * per_row.sum() / n
 
 
 @dataclass(frozen=True)
