@@ -4,7 +4,13 @@ resnet18 at 96 px, crops oriented upright, g612 train split + a synthetic G-band
 generate_dataset, 300 cells, randomly rotated: the orientation step makes them upright), plain focal loss
 with the paper's paired sampler (SCL trained worse at this CPU budget), best step by the g612 validation split.
 
-Stage 1 (1,500 steps from random init), then stage 2 (a warm start from stage 1's model: fresh Adam, warm-up
+The shipped 2026.11.26.5 is one run of this script on a GPU (benchmarks/gpu_session.sh, "plain128"):
+
+    python3 benchmarks/train_default.py --g612 G612/manifest.csv --synth-dir SYNTH --out RUN --device cuda \
+        --preprocess fit --lr 1e-3 --input-size 128 --time-budget 6.5 --steps 200000 --val-every 500 \
+        --checkpoint-every 5000 --val-limit 0 --half --no-size-prior
+
+The earlier CPU-trained models: stage 1 (1,500 steps from random init), then stage 2 (a warm start from stage 1's model: fresh Adam, warm-up
 and cosine again, 2,500 more steps). The synthetic set is generated when SYNTH_DIR has no manifest yet.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/train_default.py \\
