@@ -46,6 +46,11 @@ def summarise(run: Path, test: str | None, device: str) -> dict[str, Any]:
     return row
 
 
+def pct(row: dict[str, Any], key: str) -> str:
+    v = row.get(key)
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", required=True, type=Path)
@@ -67,13 +72,9 @@ def main() -> None:
             print(f"{r['run']:10s} ERROR {r['error']}")
             continue
 
-        def f(k: str) -> str:
-            v = r.get(k)
-            return "-" if v is None else f"{100 * v:.2f}" if isinstance(v, float) and v <= 1 else str(v)
-
         print(f"{r['run']:10s} {str(r['scl'])[0]:>4s} {r['input_size']!s:>4s} {r['steps_done']!s:>7s} "
-              f"{r['images_per_second'] or 0:7.0f} {f('val_accuracy'):>7s} {r['best_step']!s:>6s} "
-              f"{f('test_accuracy'):>7s} {f('test_recall_macro'):>7s} {f('test_auc_macro'):>7s}")
+              f"{r['images_per_second'] or 0:7.0f} {pct(r, 'val_accuracy'):>7s} {r['best_step']!s:>6s} "
+              f"{pct(r, 'test_accuracy'):>7s} {pct(r, 'test_recall_macro'):>7s} {pct(r, 'test_auc_macro'):>7s}")
     sys.stdout.flush()
 
 

@@ -10,8 +10,9 @@ The shipped 2026.11.26.5 is one run of this script on a GPU (benchmarks/gpu_sess
         --preprocess fit --lr 1e-3 --input-size 128 --time-budget 6.5 --steps 200000 --val-every 500 \
         --checkpoint-every 5000 --val-limit 0 --half --no-size-prior
 
-The earlier CPU-trained models: stage 1 (1,500 steps from random init), then stage 2 (a warm start from stage 1's model: fresh Adam, warm-up
-and cosine again, 2,500 more steps). The synthetic set is generated when SYNTH_DIR has no manifest yet.
+The earlier CPU-trained models: stage 1 (1,500 steps from random init), then stage 2 (a warm start from
+stage 1's model: fresh Adam, warm-up and cosine again, 2,500 more steps). The synthetic set is generated
+when SYNTH_DIR has no manifest yet.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/train_default.py \\
         --g612 /work/data/g612/manifest.csv --synth-dir /work/runs/synth300 --out /work/runs/default_b/model

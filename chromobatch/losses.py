@@ -21,7 +21,9 @@ def _full(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, reduction: str = "mean") -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, reduction: str = "mean"
+) -> torch.Tensor:
     """Focal loss (Lin et al.): -(1 - p_y)^gamma log p_y, mean over rows (reduction="none": per row).
 
     gamma = 0 is cross-entropy."""

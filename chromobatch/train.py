@@ -95,9 +95,10 @@ class TrainConfig:
     #: after training, fit the size prior (chromobatch.sizeprior) on the training cells and tune its weight
     #: on the validation cells; it is stored only when it improves validation accuracy.
     size_prior: bool = True
-    #: wall-clock budget of the training loop (data preparation not counted) in seconds (a nightly window, a lent GPU); None = none. The
-    #: schedule then anneals over whichever runs out first, steps or time, and the run stops at the budget
-    #: with a last validation and checkpoint. Runs stopped by time are not step-for-step reproducible.
+    #: wall-clock budget of the training loop in seconds, data preparation not counted (a nightly window, a
+    #: lent GPU); None = none. The schedule then anneals over whichever runs out first, steps or time, and the
+    #: run stops at the budget with a last validation and checkpoint. Such runs are not step-for-step
+    #: reproducible.
     time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
