@@ -306,14 +306,24 @@ def test_cli_train_then_evaluate_end_to_end(tmp_path: Path, synth_manifest: Path
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_gloo(tmp_path: Path, synth_manifest: Path) -> None:
-    """The same `chromobatch train` command under torchrun: DistributedDataParallel over gloo on CPU."""
+@pytest.mark.parametrize("budget", [False, True], ids=["steps", "time-budget"])
+def test_torchrun_two_processes_gloo(tmp_path: Path, synth_manifest: Path, budget: bool) -> None:
+    """The same `chromobatch train` command under torchrun: DistributedDataParallel over gloo on CPU.
+
+    With --time-budget both ranks must stop at the same step (rank 0's clock decides), or the run hangs."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = ["--steps", "100000", "--time-budget", "0.02", "--val-every", "100000"] if budget else \
+        ["--steps", "2", "--val-every", "2"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "chromobatch.cli", "train", "--data", str(synth_manifest), "--out", str(tmp_path / "ddp"), "--backbone",
-           "test_resnet", "--input-size", "32", "--embed-dim", "16", "--steps", "2", "--val-every", "2",
+           "test_resnet", "--input-size", "32", "--embed-dim", "16", *steps,
            "--device", "cpu", "--no-progress"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     meta = json.loads((tmp_path / "ddp" / "model.json").read_text())
     assert meta["training"]["world_size"] == 2 and meta["training"]["images_per_step"] == 96
+    if budget:
+        assert "stopped at the time budget" in proc.stdout
+        assert 100 <= meta["training"]["step"] < 100000
+        state = json.loads((tmp_path / "ddp" / "checkpoint" / "state.json").read_text())
+        assert set(state["sampler"]) == {"0", "1"}  # both ranks reached the last checkpoint together
