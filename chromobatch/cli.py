@@ -530,8 +530,9 @@ def train(
     orient: Annotated[str, typer.Option("--orient", help="none, or upright: turn each crop's long axis vertical "
                                                           "before the model (crops cut at any angle).")] = "none",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Minutes the training loop may run; "
-                           "the schedule anneals over whichever runs out first, --steps or time.")] = None,
+    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Minutes the training loop may run in all "
+                           "(--resume counts the time already spent); the schedule anneals over whichever runs out "
+                           "first, --steps or time.")] = None,
     variant: Annotated[str, typer.Option(help="paper (the text) or code (the authors' public code).")] = "paper",
     rotate: Annotated[float, typer.Option(help="Random rotation augmentation in degrees (+-); 180 for crops in "
                                                "metaphase orientation.")] = 15.0,

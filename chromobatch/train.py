@@ -97,8 +97,8 @@ class TrainConfig:
     size_prior: bool = True
     #: wall-clock budget of the training loop in seconds, data preparation not counted (a nightly window, a
     #: lent GPU); None = none. The schedule then anneals over whichever runs out first, steps or time, and the
-    #: run stops at the budget with a last validation and checkpoint. Such runs are not step-for-step
-    #: reproducible.
+    #: run stops at the budget with a last validation and checkpoint. A --resume counts the time spent before
+    #: (stored in the checkpoint). Such runs are not step-for-step reproducible.
     time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -406,11 +406,13 @@ def _train(
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     start, best_acc, best_step, bad_vals = 0, -1.0, None, 0
+    spent_before = 0.0  # seconds of training loop before a --resume: the time budget covers the whole run
     if ckpt is not None:
         tensors, meta = ckpt
         net.load_state_dict({k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")})
         _restore_optimizer(opt, tensors, meta)
         start = int(meta["step"])
+        spent_before = float(meta.get("loop_seconds", 0.0))
         best_acc = float(meta["best_acc"])
         best_step = meta["best_step"]
         bad_vals = int(meta["bad_vals"])
@@ -466,7 +468,7 @@ def _train(
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and main), dynamic_ncols=True, unit="step")
     t0 = time.perf_counter()
-    step = start
+    step = done = start
     acc_ema: float | None = None
     stopped_early = ran_out = False
     hist = hist_path.open("a") if main else None
@@ -476,7 +478,7 @@ def _train(
         """Share of the time budget used, agreed by all ranks (rank 0's clock) so they stop at the same step."""
         if cfg.time_budget_s is None:
             return 0.0
-        frac = torch.tensor([(time.perf_counter() - t0) / cfg.time_budget_s])
+        frac = torch.tensor([(spent_before + time.perf_counter() - t0) / cfg.time_budget_s])
         if dd.active:
             frac = frac.to(device) if device.type == "cuda" else frac
             dist.broadcast(frac, src=0)
@@ -487,6 +489,11 @@ def _train(
         for step in range(start, cfg.steps):
             if cfg.time_budget_s is not None and (step - start) % cfg.log_every == 0:
                 time_frac = spent()
+                if step == start and time_frac >= 1.0 and step >= cfg.warmup_steps:
+                    log.info("time budget of %.0fs already spent before step %d: nothing to resume",
+                             cfg.time_budget_s, step + 1)  # fmt: skip
+                    ran_out = True
+                    break
             i1, i2 = sampler.sample()
             idx = torch.from_numpy(np.concatenate([i1, i2])).to(device)
             x = augment(to_tensor(images[idx]).unsqueeze(1), cfg.augment, gen)
@@ -552,6 +559,7 @@ def _train(
                     _save_checkpoint(
                         ckpt_dir, net, opt,
                         {"step": done, "best_acc": best_acc, "best_step": best_step, "bad_vals": bad_vals,
+                         "loop_seconds": round(spent_before + time.perf_counter() - t0, 3),
                          "config": cfg.to_dict(), "preprocess": spec.to_dict(), "sampler": sampler_states,
                          "init_from": init_info},
                         gen,
@@ -571,7 +579,7 @@ def _train(
         if hist is not None:
             hist.close()
     seconds = time.perf_counter() - t0
-    steps_done = (step + 1) if cfg.steps > start else start
+    steps_done = done
     ran = max(steps_done - start, 0)
     ips = ran * 2 * NUM_CLASSES * dd.world / seconds if seconds > 0 else 0.0
     if main and not have_val:

@@ -204,8 +204,16 @@ def test_time_budget_stops_with_a_validated_model_and_a_checkpoint(tmp_path: Pat
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[-1] < 0.2 * max(lrs)  # the cosine ran down over the budget, not over the 100,000 steps
     state = json.loads((tmp_path / "m" / "checkpoint" / "state.json").read_text())
-    assert state["step"] == res.steps_done
+    assert state["step"] == res.steps_done and state["loop_seconds"] >= 1.5
     assert (tmp_path / "m" / "model.safetensors").is_file()
+    # the budget covers the whole run: resuming a run that spent it trains no further
+    again = train(tiny_config(steps=100_000, val_every=100_000, checkpoint_every=100_000, time_budget_s=1.5),
+                  recs, tmp_path / "m", resume=True, progress=False)  # fmt: skip
+    assert again.out_of_time and again.steps_done == res.steps_done
+    # a larger budget on resume continues where the run stopped
+    more = train(tiny_config(steps=100_000, val_every=100_000, checkpoint_every=100_000, time_budget_s=3.0),
+                 recs, tmp_path / "m", resume=True, progress=False)  # fmt: skip
+    assert more.out_of_time and more.steps_done > res.steps_done
     with pytest.raises(ConfigError):
         tiny_config(time_budget_s=0)
 
