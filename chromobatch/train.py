@@ -56,7 +56,12 @@ HISTORY = "history.jsonl"
 
 @dataclass
 class TrainConfig:
-    """All knobs of a training run; stored in model.json. Defaults are what trained best from scratch here."""
+    """All knobs of a training run; stored in model.json.
+
+    Defaults: the paper's method (SCL, λ1 = λ2 = 1) on the issue's fixed-scale preprocessing. The shipped
+    model's recipe differs (resize-to-fit, upright, plain focal loss, 128 px, a GPU budget): it trained better
+    here, see benchmarks/train_default.py and docs/results.md. `train --db --warm-start` takes the active
+    model's architecture and preprocessing instead."""
 
     backbone: str = "resnet18"
     input_size: int = 96
@@ -397,7 +402,7 @@ def _train(
     net = create_model(cfg.backbone, embed_dim=cfg.embed_dim, input_size=cfg.input_size).to(device)
     if init is not None:
         net.load_state_dict(init.net.state_dict())
-        log.info("warm start from %s (weights %s)", cfg.init_from, init.sha256[:12])
+        log.info("warm start from %s (model identity %s)", cfg.init_from, init.sha256[:12])
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     loss_cfg = cfg.loss_config()
