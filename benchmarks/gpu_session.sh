@@ -11,7 +11,7 @@
 #
 # Needs .gpu/g612.tgz (the g612 set, never committed: `.gpu/` is in .git/info/exclude) carried with the call:
 #   mkdir -p .gpu && (cd /work/data && tar czf /work/main/.gpu/g612.tgz g612)
-#   device run: carry [".gpu"], command "bash benchmarks/gpu_session.sh", timeout_s 560
+#   device run: carry [".gpu"], command "BUDGET_MIN=6.5 bash benchmarks/gpu_session.sh", timeout_s 570
 # Rejoin a returned model here with `cat model.safetensors.part-* > model.safetensors`, then fit its size prior:
 #   chromobatch calibrate --model DIR --data /work/data/g612/manifest.csv
 # Local dry run on the CPU: OUT=/tmp/gpu_out BUDGET_MIN=0.2 DEVICE=cpu BENCH_STEPS=2 bash benchmarks/gpu_session.sh

@@ -1,8 +1,9 @@
 """How models/default was trained (see models/default/README.md and docs/results.md).
 
-resnet18 at 96 px, crops oriented upright, g612 train split + a synthetic G-band set (chromobatch.synth
-generate_dataset, 300 cells, randomly rotated: the orientation step makes them upright), plain focal loss
-with the paper's paired sampler (SCL trained worse at this CPU budget), best step by the g612 validation split.
+resnet18 (96 px by default; 128 px for 2026.11.26.5), crops oriented upright, g612 train split + a synthetic
+G-band set (chromobatch.synth generate_dataset, 300 cells, randomly rotated: the orientation step makes them
+upright), plain focal loss with the paper's paired sampler (SCL trained worse at the CPU budget and half a
+point behind at the GPU budget; --scl trains with it), best step by the g612 validation split.
 
 The shipped 2026.11.26.5 is one run of this script on a GPU (benchmarks/gpu_session.sh, "plain128"):
 
