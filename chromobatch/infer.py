@@ -120,9 +120,16 @@ def _register(database: Database, model: LoadedModel, status: str, name: str | N
             return row
         has_active = s.query(ModelVersion).filter_by(status="active").first() is not None
         meta = model.meta
+        name = name or str(meta.get("name") or model.folder.name)
+        version = str(meta.get("version") or model.sha256[:12])
+        if s.query(ModelVersion).filter_by(name=name, version=version).first() is not None:
+            # same name and version, other weights or size prior (say `chromobatch calibrate` was run on the
+            # folder): still another model, told apart by its identity
+            log.warning("model %s %s is registered with another checksum; registering this one as %s+%s",
+                        name, version, version, model.sha256[:8])
+            version = f"{version}+{model.sha256[:8]}"
         row = ModelVersion(
-            name=name or str(meta.get("name") or model.folder.name), version=str(meta.get("version") or
-                                                                                model.sha256[:12]),
+            name=name, version=version,
             backbone=str(meta["backbone"]), file=str(model.folder.resolve()), sha256=model.sha256,
             metrics=dict(meta.get("metrics") or {}),
             status="active" if (status == "active" or not has_active) else status)

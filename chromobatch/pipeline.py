@@ -8,6 +8,7 @@ again on the same content with the same model is a no-op unless `force`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
         if ingest.added + ingest.already_stored == 0:
             _fail_case(s, ingest.case_pk, "no valid chromosome image in the case")
         else:
-            result = _predict_and_summarise(s, ingest.case_pk, predictor, settings, by_sha, force)
+            result = _predict_and_summarise(s, ingest.case_pk, predictor, settings, by_sha, force, rel_inks)
             _finish_job(s, job_id, job_worker)
     if ingest.added + ingest.already_stored == 0:
         raise_if_empty(ingest, scanned)
@@ -159,7 +160,9 @@ def _fail_case(s: Session, case_pk: int, error: str) -> None:
 
 
 def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, settings: Settings,
-                           by_sha: dict[str, np.ndarray], force: bool) -> ProcessResult:
+                           by_sha: dict[str, np.ndarray], force: bool, rel_inks: dict[str, float]) -> ProcessResult:
+    """rel_inks: `_cell_references`'s log relative ink per chromosome sha256 ({} when the model has no size
+    prior); it already covers the crops stored by earlier deliveries, so they are not measured again here."""
     case = s.get(Case, case_pk)
     assert case is not None
     version = s.get(ModelVersion, predictor.version_id)
@@ -174,16 +177,11 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
             continue
         missing = [c for c in chroms if c.sha256 not in by_sha and (force or c.id not in existing)]
         if missing:  # stored earlier, not in this folder: predict from the stored crops
-            prior = predictor.model.size_prior
-            # the size prior measures the whole cell, so then every stored crop of it is decoded (once)
-            decoded = {c.id: decode_png(c.crop_png) for c in (chroms if prior is not None else missing)}
-            rel = (dict(zip((c.id for c in chroms), relative_inks([ink(decoded[c.id]) for c in chroms],
-                                                                  [cell.name] * len(chroms), prior.min_cell),
-                            strict=True)) if prior is not None else None)
             med = float(np.median([max(c.width, c.height) for c in chroms]))
             use_cell = predictor.model.spec.mode == "cell"
-            probs_missing = predictor.predict([decoded[c.id] for c in missing], [med if use_cell else None] *
-                                              len(missing), [rel[c.id] for c in missing] if rel else None)
+            probs_missing = predictor.predict([decode_png(c.crop_png) for c in missing],
+                                              [med if use_cell else None] * len(missing),
+                                              [rel_inks.get(c.sha256, math.nan) for c in missing] if rel_inks else None)
             for c, p in zip(missing, probs_missing, strict=True):
                 by_sha[c.sha256] = p
         probs = np.stack([by_sha[c.sha256] if (c.sha256 in by_sha and (force or c.id not in existing))

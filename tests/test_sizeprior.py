@@ -27,6 +27,7 @@ from chromobatch.sizeprior import (
     ink,
     record_relative_inks,
     relative,
+    relative_inks,
     tune_weight,
 )
 
@@ -186,4 +187,31 @@ def test_pipeline_uses_the_cell_for_the_size_prior(sqlite_path: Path, tmp_path: 
                  .join(db.Cell, db.Chromosome.cell_id == db.Cell.id)
                  .filter(db.Chromosome.height >= 60, db.Cell.name == "cell01").all())
     assert sorted(label for (label,) in preds) == ["1"] * 6
+    # Another model version (same weights, another prior weight) on that delivery: the stored crop c00, no
+    # longer in the folder, is predicted from the database, measured against its whole cell too.
+    folder2 = tmp_path / "m2"
+    shutil.copytree(folder, folder2)
+    attach_size_prior(folder2, _prior(weight=4.0), {"weight": 4.0})
+    settings2 = load_settings({"model": str(folder2)})
+    predictor2 = load_predictor(database, settings2)
+    assert predictor2.version_id != predictor.version_id  # same name and version in model.json, other identity
+    assert predictor2.version_name == predictor.version_name + "+" + predictor2.sha256[:8]
+    third = process_case(database, case, predictor=predictor2, settings=settings2)
+    assert third.status == "done" and third.n_chromosomes == 12
+    with database.session() as s:
+        stored = {chrom.sha256: (decode_png(chrom.crop_png), pred)
+                  for pred, chrom, cell in (s.query(db.Prediction, db.Chromosome, db.Cell)
+                                            .join(db.Chromosome, db.Prediction.chromosome_id == db.Chromosome.id)
+                                            .join(db.Cell, db.Chromosome.cell_id == db.Cell.id)
+                                            .filter(db.Cell.name == "cell01",
+                                                    db.Prediction.model_version_id == predictor2.version_id))}
+        c00_sha = next(ch.sha256 for ch in s.query(db.Chromosome) if ch.source_file.endswith("c00.png"))
+    assert len(stored) == 11 and c00_sha in stored
+    shas = list(stored)
+    rel = dict(zip(shas, relative_inks([ink(stored[h][0]) for h in shas], ["cell01"] * 11), strict=True))
+    m2 = load_model(folder2)
+    expected = m2.predict([stored[c00_sha][0]], rel_inks=[rel[c00_sha]])[0][0]
+    image_only = m2.predict([stored[c00_sha][0]])[0][0]
+    got = np.asarray(stored[c00_sha][1].probabilities)
+    assert np.allclose(got, expected, atol=1e-5) and not np.allclose(got, image_only, atol=1e-3)
     database.dispose()
