@@ -236,7 +236,7 @@ def review(
 ) -> None:
     """List a case's chromosomes with their numbers and labels, or accept its predictions (--accept)."""
     from .db import connect
-    from .review import accept_predictions, chromosome_overview
+    from .review import accept_predictions, chromosome_overview, files_not_used
 
     database = connect(settings(db=db).db)
     try:
@@ -246,6 +246,12 @@ def review(
         for ref, current, source in chromosome_overview(database, case_id):
             typer.echo(f"cell {ref.cell_number} ({ref.cell}) #{ref.number:<3} {ref.source_file:<32} "
                        f"{current or '-':>2}  {source or 'unlabelled'}")
+        not_used = files_not_used(database, case_id)
+        if not_used:
+            typer.secho(f"files not used ({len(not_used)}): a chromosome missing from a cell may be one of them",
+                        fg=typer.colors.YELLOW)
+            for file, reason in not_used:
+                typer.secho(f"  {file}: {reason}", fg=typer.colors.YELLOW)
     finally:
         database.dispose()
 
@@ -380,13 +386,15 @@ def watch(
     = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes sharing the database queue.")] = None,
     once: Annotated[bool, typer.Option(help="Process what is waiting, then exit (tests, cron).")] = False,
+    readiness: Annotated[str | None, typer.Option(help="When a case folder is complete: either (READY marker or "
+                                                       "quiet period), quiet, or ready (marker only).")] = None,
     worker_only: Annotated[bool, typer.Option(hidden=True, help="Internal: a worker process of a watcher.")]
     = False,
 ) -> None:
     """Process every case folder dropped into INCOMING; done -> processed/, failed -> failed/."""
     from .watch import watch as run_watch
 
-    cfg = settings(db=db, poll_seconds=poll, workers=workers)
+    cfg = settings(db=db, poll_seconds=poll, workers=workers, readiness=readiness)
     code = run_watch(incoming, cfg, once=once, reports_dir=reports.resolve() if reports else None,
                      worker_only=worker_only)
     raise typer.Exit(code)
@@ -431,6 +439,10 @@ def report(
     try:
         result = render_case_report(database, case_id, out, cells=cells, reports_dir=reports_dir,
                                     png_dir=((out.parent if out else reports_dir) if png else None))
+        if out is None and cells is None:  # the case's whole report at its usual place: no longer missing
+            from .reportstep import record_report
+
+            record_report(database, case_id, path=result.pdf)
     finally:
         database.dispose()
     typer.echo(f"{result.pdf} ({result.pages} pages)")

@@ -16,6 +16,7 @@ from typing import Any
 from .errors import ConfigError
 
 ENV_PREFIX = "CHROMOBATCH_"
+READINESS_MODES = ("either", "quiet", "ready")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Settings:
     workers: int = 1
     poll_seconds: float = 0.0
     quiet_seconds: float = 5.0
+    #: When a case folder is complete: quiet (nothing changed for quiet_seconds), ready (only a READY
+    #: marker, however long the copy pauses) or either (the marker, or quiet; the default).
+    readiness: str = "either"
     heartbeat_seconds: float = 10.0
     stale_after_seconds: float = 60.0
     max_attempts: int = 3
@@ -68,6 +72,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 def _validate(s: Settings) -> Settings:
     if s.polarity not in ("auto", "dark_on_light", "bright_on_dark"):
         raise ConfigError(f"polarity must be auto, dark_on_light or bright_on_dark, got {s.polarity!r}")
+    if s.readiness not in READINESS_MODES:
+        raise ConfigError(f"readiness must be one of {', '.join(READINESS_MODES)}, got {s.readiness!r}")
     if s.device not in ("auto", "cpu", "cuda") and not s.device.startswith("cuda:"):
         raise ConfigError(f"device must be auto, cpu or cuda[:N], got {s.device!r}")
     for name in ("batch_size", "workers", "max_attempts"):

@@ -78,6 +78,13 @@ class Case(Base):
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     karyotype: Mapped[str | None] = mapped_column(Text)
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    #: The report is a step of its own after the results' commit: due while report_at is unset or older
+    #: than processed_at; a failed rendering keeps its error and is tried again at report_next_at.
+    report_path: Mapped[str | None] = mapped_column(Text)
+    report_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    report_error: Mapped[str | None] = mapped_column(Text)
+    report_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    report_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     cells: Mapped[list[Cell]] = relationship(back_populates="case", cascade="all, delete-orphan",
                                              order_by="Cell.index")

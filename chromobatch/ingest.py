@@ -46,6 +46,17 @@ DICOM_CASE_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
                    "InstitutionName", "ReferringPhysicianName")
 
 
+def cell_of_rejected(source_file: str, cell_names: set[str] | frozenset[str]) -> str | None:
+    """The cell a rejected file belonged to, judged from its path as scan_case names cells.
+
+    `CELL/x.png` belongs to CELL, a flat `x.png` to the flat cell; None when that cell holds no stored
+    chromosome (a DICOM instance whose series could not be read, or a cell whose every file was rejected):
+    then the file counts against the case, not against one cell.
+    """
+    name = source_file.split("/", 1)[0] if "/" in source_file else FLAT_CELL
+    return name if name in cell_names else None
+
+
 def validate_case_id(name: str) -> str:
     if not CASE_ID_RE.match(name) or ".." in name:
         raise InvalidCaseId(f"invalid case ID {name!r}: use letters, digits, '-', '_' and '.' (max 128)")
@@ -384,9 +395,6 @@ def store_in_session(s: Session, scanned: ScannedCase, *, status: str = "ingeste
     meta = dict(case.meta or {})
     meta.update(scanned.meta)
     meta.pop("label_problems", None)
-    if scanned.label_problems:
-        meta["label_problems"] = scanned.label_problems[:100]
-    case.meta = meta
     cells = {c.name: c for c in case.cells}
     existing = {sha: file for sha, file in
                 s.query(Chromosome.sha256, Chromosome.source_file).filter(Chromosome.case_pk == case.id)}
@@ -417,6 +425,9 @@ def store_in_session(s: Session, scanned: ScannedCase, *, status: str = "ingeste
         else:
             s.add(RejectedFile(case_pk=case.id, source_file=file, reason=reason))
     imported = _import_labels(s, case, scanned)
+    if scanned.label_problems:  # after the import: it adds rows that name no stored chromosome
+        meta["label_problems"] = scanned.label_problems[:100]
+    case.meta = meta
     pairs = list(existing.items()) + [(a.sha256, a.file) for a in scanned.accepted if a.sha256 not in existing]
     case.content_sha256 = content_hash([(f, sha) for sha, f in pairs])
     if not pairs:

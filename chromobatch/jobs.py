@@ -24,14 +24,17 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from .db import Case, Database, Job, active_model, utcnow
+from .db import Case, Database, Job, RejectedFile, active_model, utcnow
 from .ingest import validate_case_id
+from .reportstep import missing_reports
 
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("queued", "running")
 #: Longest error text stored on a job or case (tracebacks are logged, not stored).
 MAX_ERROR_CHARS = 2000
+#: Most rejected files `status` lists (the report and `review` list all of a case's).
+MAX_LISTED_FILES = 50
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class ClaimedJob:
     attempts: int
     worker: str
     created_at: datetime | None = None
+    #: When this claim started: a folder that changed after it is still being delivered.
+    started_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,7 @@ def claim(database: Database, worker: str) -> ClaimedJob | None:
                             .where(Job.id == job_id)).one()
             job, case_id = row
             return ClaimedJob(job.id, job.case_pk, case_id, job.path, job.attempts, worker[:128],
-                              _aware(job.created_at))
+                              _aware(job.created_at), _aware(job.started_at))
     return None
 
 
@@ -235,6 +240,17 @@ def record_failure(database: Database, job_id: int, worker: str, error: str, *, 
         return job.state
 
 
+def release(database: Database, job_id: int, worker: str, error: str) -> bool:
+    """Give a running job back to the queue without spending its attempt (a transient fault, a stop)."""
+    with database.session() as s:
+        res = s.execute(update(Job).where(Job.id == job_id, Job.state == "running", Job.worker == worker[:128])
+                        .values(state="queued", worker=None, heartbeat_at=None, error=_clip(error),
+                                attempts=func.max(Job.attempts - 1, 0) if s.get_bind().dialect.name == "sqlite"
+                                else func.greatest(Job.attempts - 1, 0))
+                        .execution_options(synchronize_session=False))
+        return res.rowcount == 1
+
+
 def set_case_location(database: Database, case_id: str, path: Path) -> None:
     """Remember where a case folder went (processed/ or failed/), so nobody has to search for it."""
     with database.session() as s:
@@ -276,12 +292,24 @@ def queue_status(database: Database, *, recent: int = 10, failed: int = 10) -> d
              "processed_at": _iso(c.processed_at), "error": c.error}
             for c in s.execute(select(Case).order_by(func.coalesce(Case.processed_at, Case.received_at).desc(),
                                                      Case.id.desc()).limit(recent)).scalars()]
+        recent_pks = [pk for (pk,) in s.execute(
+            select(Case.id).order_by(func.coalesce(Case.processed_at, Case.received_at).desc(), Case.id.desc())
+            .limit(recent))]
+        not_used = [
+            {"case_id": cid, "file": r.source_file, "reason": r.reason}
+            for r, cid in s.execute(select(RejectedFile, Case.case_id).join(Case, Case.id == RejectedFile.case_pk)
+                                    .where(RejectedFile.case_pk.in_(recent_pks))
+                                    .order_by(Case.case_id, RejectedFile.source_file).limit(MAX_LISTED_FILES))]
         active = active_model(s)
         model = None if active is None else {
             "id": active.id, "name": active.name, "version": active.version, "backbone": active.backbone,
             "sha256": active.sha256, "promoted_at": _iso(active.promoted_at)}
+    n_missing, missing = missing_reports(database, limit=failed)
     return {"jobs": counts, "queue_depth": counts["queued"], "running": running, "failed": failed_jobs,
-            "recent_cases": cases, "active_model": model}
+            "recent_cases": cases, "files_not_used": not_used, "reports_missing": n_missing,
+            "missing_reports": [{"case_id": m.case_id, "attempts": m.attempts, "error": m.error,
+                                 "next_try_at": _iso(m.next_at)} for m in missing],
+            "active_model": model}
 
 
 def format_status(status: dict[str, Any]) -> list[str]:
@@ -299,8 +327,17 @@ def format_status(status: dict[str, Any]) -> list[str]:
         lines.append("failed jobs:")
         lines += [f"  job {f['job']}  {f['case_id']}  after {f['attempts']} attempt(s)  {f['finished_at']}  "
                   f"{(f['error'] or '').splitlines()[0][:160] if f['error'] else ''}" for f in status["failed"]]
+    if status["reports_missing"]:
+        lines.append(f"reports missing: {status['reports_missing']} case(s) (tried again by the watcher; or run "
+                     "`chromobatch report CASE`)")
+        lines += [f"  {m['case_id']:<24} {m['attempts']} failed tr{'y' if m['attempts'] == 1 else 'ies'}"
+                  + (f", next at {m['next_try_at']}" if m["next_try_at"] else "")
+                  + (f": {m['error'].splitlines()[0][:160]}" if m["error"] else "") for m in status["missing_reports"]]
     if status["recent_cases"]:
         lines.append("recent cases:")
         lines += [f"  {c['case_id']:<24} {c['status']:<10} {c['karyotype'] or '-':<28} {c['processed_at'] or '-'}"
                   for c in status["recent_cases"]]
+    if status["files_not_used"]:
+        lines.append("files not used (recent cases):")
+        lines += [f"  {f['case_id']:<24} {f['file']}: {f['reason'][:160]}" for f in status["files_not_used"]]
     return lines

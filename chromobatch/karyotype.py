@@ -2,6 +2,10 @@
 
 Clonality rule (ISCN): a gain counts as clonal when seen in at least 2 cells, a loss in at least 3 cells.
 Non-clonal changes are reported as findings but do not enter the karyotype.
+
+Incomplete input: a cell one of whose files could not be used may lack a chromosome that the lab did
+image, so its losses are never reported without that mark (in the cell's karyotype, in the findings, and
+in the case's suggested karyotype).
 """
 
 from __future__ import annotations
@@ -24,10 +28,25 @@ class CellKaryotype:
     sex: str
     gains: list[str] = field(default_factory=list)
     losses: list[str] = field(default_factory=list)
+    #: Files of this cell that could not be used (a missing chromosome may be one of them).
+    files_not_used: int = 0
 
     @property
     def iscn(self) -> str:
         return format_karyotype(self.count, self.sex, self.gains, self.losses)
+
+    @property
+    def shown(self) -> str:
+        """The ISCN text as reports show it: marked when the cell's input was incomplete."""
+        return self.iscn + (f" {INCOMPLETE_MARK}" if self.files_not_used else "")
+
+
+INCOMPLETE_MARK = "(incomplete input)"
+
+
+def incomplete_note(files: int) -> str:
+    """What the case's suggested karyotype carries when files of the case could not be used."""
+    return f"(incomplete input: {files} file{'s' * (files != 1)} not used)"
 
 
 def format_karyotype(count: int, sex: str, gains: list[str], losses: list[str]) -> str:
@@ -54,8 +73,12 @@ def _sex_changes(sex: str, baseline: str) -> tuple[list[str], list[str]]:
     return list((have - base).elements()), list((base - have).elements())
 
 
-def summarise(cells: list[CellKaryotype]) -> dict[str, Any]:
-    """Counts per cell, modal number, clonal abnormalities and the suggested karyotype."""
+def summarise(cells: list[CellKaryotype], *, case_files_not_used: int = 0) -> dict[str, Any]:
+    """Counts per cell, modal number, clonal abnormalities and the suggested karyotype.
+
+    case_files_not_used: rejected files that belong to no analysed cell (their cell is unknown, or every
+    file of a cell was rejected); they mark the case's karyotype as incomplete too.
+    """
     if not cells:
         return {"cells": [], "modal_number": None, "karyotype": None, "findings": ["no cells analysed"]}
     counts = Counter(c.count for c in cells)
@@ -91,6 +114,9 @@ def summarise(cells: list[CellKaryotype]) -> dict[str, Any]:
     for tok, n in sorted(seen.items(), key=lambda kv: (-kv[1], kv[0])):
         what = _describe(tok)
         status = "clonal" if tok in clonal else "non-clonal"
+        unsure = sum(1 for c, ev in zip(cells, events, strict=True) if c.files_not_used and tok in ev)
+        if tok[0] == "-" and unsure:
+            status += f"; {unsure} of these cell{'s' * (unsure != 1)} with incomplete input"
         findings.append(f"{what} in {n}/{len(cells)} cells ({status})")
     missing_cells = sum(1 for d in extra if d < 0)
     if missing_cells >= MIN_CELLS_LOSS:
@@ -100,19 +126,28 @@ def summarise(cells: list[CellKaryotype]) -> dict[str, Any]:
         findings.append(f"extra chromosome of varying identity in {marker_cells}/{len(cells)} cells (+mar)")
     if len(cells) == 1:
         findings.append("single cell analysed: clonality not established")
+    not_used = sum(c.files_not_used for c in cells) + case_files_not_used
+    if not_used:
+        short = sum(1 for c in cells if c.files_not_used)
+        findings.append(f"incomplete input: {not_used} file{'s' * (not_used != 1)} not used"
+                        + (f" (in {short}/{len(cells)} cells)" if short else "")
+                        + "; a chromosome missing from a cell may be one of them")
     normal_kt = _clone_karyotype(baseline, [])
     if len(clones) == 1:
         karyotype = next(iter(clones))
     else:
         ordered = sorted(clones.items(), key=lambda kv: (kv[0] == normal_kt, -kv[1], kv[0]))
         karyotype = "mos " + "/".join(f"{kt}[{n}]" for kt, n in ordered)
+    if not_used:
+        karyotype += " " + incomplete_note(not_used)
     return {
-        "cells": [{"cell": c.cell, "count": c.count, "karyotype": c.iscn, "sex": c.sex, "gains": c.gains,
-                   "losses": c.losses} for c in cells],
+        "cells": [{"cell": c.cell, "count": c.count, "karyotype": c.shown, "sex": c.sex, "gains": c.gains,
+                   "losses": c.losses, "files_not_used": c.files_not_used} for c in cells],
         "modal_number": modal,
         "counts": dict(sorted(counts.items())),
         "karyotype": karyotype,
         "findings": findings,
+        "files_not_used": not_used,
     }
 
 

@@ -21,13 +21,14 @@ from sqlalchemy.orm import Session
 from . import CLASSES
 from .assign import assign_cell
 from .config import Settings
-from .db import Case, Cell, Chromosome, Database, Job, ModelVersion, Prediction, utcnow
+from .db import Case, Cell, Chromosome, Database, Job, ModelVersion, Prediction, RejectedFile, utcnow
 from .errors import JobError
 from .imaging import decode_png
 from .infer import Predictor, load_predictor
-from .ingest import ScannedCase, raise_if_empty, scan_case, store_in_session
+from .ingest import ScannedCase, cell_of_rejected, raise_if_empty, scan_case, store_in_session
 from .karyotype import cell_karyotype, summarise
 from .preprocess import chromosome_length
+from .reportstep import render_and_record
 from .sizeprior import ink, relative_inks
 
 __all__ = ["ProcessResult", "load_predictor", "process_case"]
@@ -112,14 +113,15 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
     """
     t0 = time.perf_counter()
     scanned = scan_case(Path(case_dir), polarity=settings.polarity, max_pixels=settings.max_image_pixels)
-    for problem in scanned.label_problems:
-        log.warning("case %s: %s", scanned.case_id, problem)
+    for file, reason in sorted(scanned.rejected.items()):
+        log.warning("case %s: file not used: %s: %s", scanned.case_id, file, reason)
     t_scan = time.perf_counter()
     with database.session() as s:
         done = None if force else _already_done(s, scanned, predictor)
         if done is not None:
             store_in_session(s, scanned, status="done")  # a corrected labels.csv or new rejections still count
             _finish_job(s, job_id, job_worker)
+            _log_label_problems(scanned)
             log.info("case %s: already processed with this model and content; skipped", scanned.case_id)
             return ProcessResult(case_id=scanned.case_id, status="skipped", karyotype=done.karyotype,
                                  rejected=dict(scanned.rejected))
@@ -136,6 +138,7 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
         else:
             result = _predict_and_summarise(s, ingest.case_pk, predictor, settings, by_sha, force, rel_inks)
             _finish_job(s, job_id, job_worker)
+    _log_label_problems(scanned)
     if ingest.added + ingest.already_stored == 0:
         raise_if_empty(ingest, scanned)
     t_commit = time.perf_counter()
@@ -151,6 +154,26 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
              result.case_id, result.n_chromosomes, result.n_cells, result.karyotype, result.timings["total"],
              result.timings["scan"], result.timings["predict"], result.timings["store"], result.timings["report"])
     return result
+
+
+def _log_label_problems(scanned: ScannedCase) -> None:
+    """After storing: the import adds the labels.csv rows that name no stored chromosome."""
+    for problem in scanned.label_problems:
+        log.warning("case %s: %s", scanned.case_id, problem)
+
+
+def _files_not_used(s: Session, case_pk: int, cell_names: set[str]) -> tuple[dict[str, list[str]], int]:
+    """The case's rejected files (this delivery's and earlier ones') by cell, and how many belong to none."""
+    by_cell: dict[str, list[str]] = defaultdict(list)
+    unplaced = 0
+    for (file,) in s.query(RejectedFile.source_file).filter(RejectedFile.case_pk == case_pk).order_by(
+            RejectedFile.source_file):
+        cell = cell_of_rejected(file, cell_names)
+        if cell is None:
+            unplaced += 1
+        else:
+            by_cell[cell].append(file)
+    return by_cell, unplaced
 
 
 def _fail_case(s: Session, case_pk: int, error: str) -> None:
@@ -171,6 +194,7 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
                 .filter(Chromosome.case_pk == case_pk, Prediction.model_version_id == predictor.version_id)}
     cell_results = []
     n_total = 0
+    not_used, unplaced = _files_not_used(s, case_pk, {c.name for c in cells if c.chromosomes})
     for cell in cells:
         chroms = list(cell.chromosomes)
         if not chroms:
@@ -188,6 +212,7 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
                           else np.asarray(existing[c.id].probabilities, dtype=np.float32) for c in chroms])
         assignment = assign_cell(probs, gain_penalty=settings.gain_penalty, loss_penalty=settings.loss_penalty)
         kt = cell_karyotype(cell.name, assignment.labels)
+        kt.files_not_used = len(not_used.get(cell.name, ()))
         abnormal = set(kt.gains) | set(kt.losses)
         for c, p, label, changed in zip(chroms, probs, assignment.labels, assignment.changed, strict=True):
             raw = CLASSES[int(np.argmax(p))]
@@ -208,34 +233,24 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
             row.flags = flags
         cell_results.append(kt)
         n_total += len(chroms)
-    summary: dict[str, Any] = summarise(cell_results)
+    summary: dict[str, Any] = summarise(cell_results, case_files_not_used=unplaced)
     for entry in summary["cells"]:
         entry["flags"] = ["count_anomaly"] if entry["count"] != 46 else []
+        if entry["files_not_used"]:
+            entry["flags"].append("incomplete_input")
+            entry["rejected_files"] = not_used[entry["cell"]]
     summary["model"] = {"name": version.name if version else None, "version": version.version if version else None,
                         "sha256": predictor.sha256}
     case.summary = summary
     case.karyotype = summary["karyotype"]
     case.status, case.error, case.processed_at = "done", None, utcnow()
+    case.report_attempts, case.report_next_at, case.report_error = 0, None, None  # a new report is due
     case.model_version_id = predictor.version_id
     return ProcessResult(case_id=case.case_id, status="done", n_chromosomes=n_total, n_cells=len(cell_results),
                          karyotype=case.karyotype)
 
 
 def _render_report(database: Database, case_id: str, reports_dir: Path) -> Path | None:
-    """The report follows the commit: a failed rendering is logged and recorded, the results stay."""
-    try:
-        from .report import render_case_report
-    except ImportError:
-        return None
-    try:
-        reports_dir.mkdir(parents=True, exist_ok=True)
-        return render_case_report(database, case_id, reports_dir=reports_dir).pdf
-    except Exception as exc:  # noqa: BLE001 - the committed results must stand whatever the renderer does
-        log.error("case %s: report rendering failed: %s", case_id, type(exc).__name__ + ": " + str(exc)[:200])
-        try:
-            with database.session() as s:
-                case = s.query(Case).filter_by(case_id=case_id).one()
-                case.error = f"report rendering failed: {type(exc).__name__}: {str(exc)[:500]}"
-        except Exception:  # noqa: BLE001
-            log.exception("case %s: could not record the report failure", case_id)
-        return None
+    """The report follows the commit: a failed rendering is logged and recorded, the results stay, and the
+    case stays due for a report (`reportstep`) until one is written."""
+    return render_and_record(database, case_id, reports_dir)

@@ -321,3 +321,10 @@ def chromosome_overview(database: Database, case_id: str) -> list[tuple[Chromoso
         return [(ref, current[ref.chromosome_id].label if ref.chromosome_id in current else None,
                  current[ref.chromosome_id].source if ref.chromosome_id in current else None)
                 for ref in case_chromosomes(s, case)]
+
+
+def files_not_used(database: Database, case_id: str) -> list[tuple[str, str]]:
+    """(file, reason) for every file of a case that could not be used: a reviewer must know what is missing."""
+    with database.session() as s:
+        case = get_case(s, case_id)
+        return sorted((r.source_file, r.reason) for r in case.rejected)
