@@ -48,13 +48,28 @@ from . import jobs
 from .config import ENV_PREFIX, Settings
 from .db import Database, connect, utcnow
 from .errors import ChromobatchError, ConfigError, InputError, InvalidCaseId, JobError
+from .faults import backoff, transient_reason
 
 log = logging.getLogger(__name__)
 
 MARKER_NAMES = frozenset({"ready", "ready.txt"})
 ERROR_FILE = "chromobatch-error.txt"
-#: A child worker that dies sooner than this after its start is broken (model, config), not unlucky.
-CHILD_MIN_LIFETIME_S = 10.0
+#: A transient fault (disk full, database locked or gone) is retried after 1 s, 2 s, 4 s, ... up to a minute.
+TRANSIENT_FIRST_S = 1.0
+TRANSIENT_CAP_S = 60.0
+#: How often an idle worker looks for reports that are due (`chromobatch.reportstep`).
+REPORT_CHECK_S = 2.0
+#: A child worker that dies sooner than this after its start counts as an immediate failure (maybe a broken
+#: model or setting, maybe bad luck: an OOM kill, an operator's kill -9); it is restarted all the same. Not
+#: 10 s: a worker's start (torch import, model load) alone took 15-20 s on a busy 2-core host, so a worker
+#: that could never load its model did not look immediate, and the watcher restarted it forever.
+CHILD_MIN_LIFETIME_S = 60.0
+#: A dead worker process is restarted after 1 s, then 2 s, 4 s, ... (up to 30 s) while it keeps dying within
+#: CHILD_MIN_LIFETIME_S of its start; a child that lived longer resets this.
+CHILD_RESTART_DELAY_S = 1.0
+CHILD_RESTART_DELAY_MAX_S = 30.0
+#: This many immediate failures in a row of one worker process stop the whole watcher (exit 1).
+CHILD_MAX_QUICK_FAILURES = 5
 
 ProcessFn = Callable[..., Any]
 
@@ -120,11 +135,18 @@ def _move_across_filesystems(folder: Path, target: Path) -> Path:
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(folder, tmp, symlinks=True)
-        os.rename(tmp, target)
-        shutil.rmtree(folder)
+        if folder.is_dir():
+            shutil.copytree(folder, tmp, symlinks=True)
+            os.rename(tmp, target)
+            shutil.rmtree(folder)
+        else:  # a stray file where a case folder was expected
+            shutil.copy2(folder, tmp)
+            os.rename(tmp, target)
+            folder.unlink()
     except (OSError, shutil.Error) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_file():
+            tmp.unlink()
         raise JobError(f"cannot move {folder} to {target}: {exc}") from exc
     return target
 
@@ -180,13 +202,54 @@ def folder_signature(folder: Path) -> tuple[tuple[int, int, int], bool] | None:
 
 
 class ReadyTracker:
-    """Decides when a case folder is complete; reports each folder once per content state."""
+    """Decides when a case folder is complete; reports each folder once per content state.
 
-    def __init__(self, incoming: Path, quiet_seconds: float, exclude: Iterable[Path] = ()) -> None:
+    readiness: `either` (a READY marker, or quiet for quiet_seconds), `quiet` (the quiet period only) or
+    `ready` (only the marker, however long a copy pauses). What is not a case yet is said once in the log:
+    an empty folder, a folder waiting for its marker, a file where a case folder was expected (`strays`,
+    which the scanner moves to failed/ once it is quiet).
+    """
+
+    def __init__(self, incoming: Path, quiet_seconds: float, exclude: Iterable[Path] = (),
+                 readiness: str = "either") -> None:
         self.incoming = incoming
         self.quiet = max(0.0, quiet_seconds)
         self.exclude = {Path(p) for p in exclude}
+        self.readiness = readiness
         self._seen: dict[str, _Seen] = {}
+        self._told: dict[str, tuple[str, tuple[int, int, int]]] = {}
+        #: Plain files directly in incoming that stayed unchanged for the quiet period.
+        self.strays: list[Path] = []
+
+    def _tell(self, name: str, what: str, sig: tuple[int, int, int], level: int, message: str,
+              *args: object) -> None:
+        """Log `message` once per folder, kind of news and content state."""
+        if self._told.get(name) != (what, sig):
+            self._told[name] = (what, sig)
+            log.log(level, message, *args)
+
+    def _is_ready(self, seen: _Seen, marker: bool, now: float) -> bool:
+        quiet = seen.stable_scans >= 1 and now - seen.changed_at >= self.quiet
+        if self.readiness == "ready":
+            return marker
+        if self.readiness == "quiet":
+            return quiet
+        return marker or quiet
+
+    def _stray(self, path: Path, now: float) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        sig = (1, st.st_size, st.st_ctime_ns)
+        seen = self._seen.get(path.name)
+        if seen is None or seen.sig != sig:
+            self._seen[path.name] = _Seen(sig, changed_at=now if seen is not None else min(now, sig[2] / 1e9))
+            return
+        seen.stable_scans += 1
+        if seen.emitted != sig and seen.stable_scans >= 1 and now - seen.changed_at >= self.quiet:
+            seen.emitted = sig
+            self.strays.append(path)
 
     def forget(self, name: str) -> None:
         """Judge this folder afresh on the next scans (its enqueue did not stick)."""
@@ -204,7 +267,12 @@ class ReadyTracker:
             raise InputError(f"incoming folder disappeared: {self.incoming}") from None
         for entry in entries:
             path = Path(entry.path)
-            if entry.name.startswith(".") or path in self.exclude or not entry.is_dir():
+            if entry.name.startswith(".") or path in self.exclude:
+                continue
+            if not entry.is_dir():
+                if entry.is_file(follow_symlinks=False):
+                    present.add(entry.name)
+                    self._stray(path, now)
                 continue
             found = folder_signature(path)
             if found is None:
@@ -218,15 +286,26 @@ class ReadyTracker:
                 seen.sig, seen.changed_at, seen.stable_scans = sig, now, 0
             else:
                 seen.stable_scans += 1
-            if seen.emitted == sig or (sig[0] == 0 and not marker):
-                continue  # reported already, or nothing in it yet
-            if marker or (seen.stable_scans >= 1 and now - seen.changed_at >= self.quiet):
+            if seen.emitted == sig:
+                continue  # reported already
+            quiet = seen.stable_scans >= 1 and now - seen.changed_at >= self.quiet
+            if sig[0] == 0 and not marker:
+                if quiet:
+                    self._tell(entry.name, "empty", sig, logging.WARNING,
+                               "incoming folder %s is empty: not a case until files arrive in it", entry.name)
+                continue
+            if self._is_ready(seen, marker, now):
                 seen.emitted = sig
                 ready.append(path)
+            elif self.readiness == "ready":
+                if quiet:  # the copy may pause as long as it likes: this is news, not an error
+                    self._tell(entry.name, "marker", sig, logging.INFO,
+                               "case folder %s: waiting for its READY marker (readiness = ready)", entry.name)
             else:
                 pending += 1
         for name in set(self._seen) - present:
             del self._seen[name]
+            self._told.pop(name, None)
         return ready, pending
 
 
@@ -294,7 +373,8 @@ class Scanner:
         self.paths = paths
         self.on_queued = on_queued
         self.tracker = ReadyTracker(paths.incoming, settings.quiet_seconds,
-                                    exclude=(paths.processed, paths.failed, paths.reports))
+                                    exclude=(paths.processed, paths.failed, paths.reports),
+                                    readiness=settings.readiness)
         self._wake = threading.Event()
 
     def wake(self) -> None:
@@ -303,6 +383,8 @@ class Scanner:
     def scan(self) -> int:
         """Queue every folder that became ready; returns how many are still being written."""
         ready, pending = self.tracker.scan()
+        while self.tracker.strays:
+            self._stray(self.tracker.strays.pop())
         for folder in ready:
             if not self._enqueue(folder):
                 self.tracker.forget(folder.name)
@@ -334,8 +416,6 @@ class Scanner:
         age = (utcnow() - result.finished_at).total_seconds() if result.finished_at else float("inf")
         if age < self.settings.stale_after_seconds:
             return False  # its worker is probably moving it right now; look again later
-        if result.job_state == "done":
-            self._render_missing_report(result.case_id)
         dest_root = self.paths.processed if result.job_state == "done" else self.paths.failed
         dest = move_case(folder, dest_root)
         if dest is not None:
@@ -344,18 +424,22 @@ class Scanner:
                      result.job_state, result.job_id, dest)
         return True
 
-    def _render_missing_report(self, case_id: str) -> None:
-        """The report is rendered after the commit; a worker killed in between left the case without one."""
-        if (self.paths.reports / f"{case_id}.pdf").exists():
-            return
+    def _stray(self, file: Path) -> None:
+        """A file where a case folder was expected: moved to failed/ with the reason beside it."""
+        reason = (f"{file.name} is a file, not a case folder: put a case's files into a folder named after "
+                  f"the case")
         try:
-            from .report import render_case_report
-
-            self.paths.reports.mkdir(parents=True, exist_ok=True)
-            render_case_report(self.database, case_id, reports_dir=self.paths.reports)
-            log.info("case %s: rendered the report its worker did not finish", case_id)
-        except Exception as exc:  # noqa: BLE001 - a report is not worth stopping the scanner for
-            log.error("case %s: report rendering failed: %s", case_id, exc)
+            dest = move_case(file, self.paths.failed)
+        except JobError as exc:
+            log.error("%s; and %s", reason, exc)
+            return
+        if dest is not None:
+            try:
+                with dest.with_name(f"{dest.name}.{ERROR_FILE}").open("a", encoding="utf-8") as fh:
+                    fh.write(f"{utcnow().isoformat(timespec='seconds')} {reason}\n")
+            except OSError as exc:
+                log.warning("cannot write the reason beside %s: %s", dest, exc)
+            log.warning("%s; moved to %s", reason, dest)
 
     def _reject(self, folder: Path, reason: str) -> None:
         try:
@@ -475,6 +559,7 @@ class Worker:
     watch_parent: bool = False
     _wake: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _last_reclaim: float = field(default=0.0, init=False, repr=False)
+    _last_reports: float = field(default=0.0, init=False, repr=False)
 
     def wake(self) -> None:
         self._wake.set()
@@ -494,23 +579,53 @@ class Worker:
         parent = os.getppid() if self.watch_parent else None
         idle = 0.5 if self.settings.poll_seconds <= 0 else min(1.0, self.settings.poll_seconds)
         log.info("worker %s ready", self.name)
+        faults = 0
         while not self.stop.is_set():
             if parent is not None and os.getppid() != parent:
                 log.warning("worker %s: the supervising watcher is gone; stopping", self.name)
                 break
             try:
                 if self.step():
+                    faults = 0
                     continue
+                self.render_due_reports(force=once)
+                faults = 0
                 if once and scanning_done() and jobs.outstanding(self.database) == 0:
                     break
             except SQLAlchemyError as exc:
-                log.error("worker %s: database error: %s; retrying", self.name, exc)
-                idle_now = max(idle, 2.0)
+                faults += 1
+                idle_now = backoff(faults, first=TRANSIENT_FIRST_S, cap=TRANSIENT_CAP_S)
+                log.error("worker %s: %s (database %s); trying again in %.0fs", self.name,
+                          transient_reason(exc) or f"database error: {type(exc).__name__}", self._where(),
+                          idle_now)
             else:
                 idle_now = idle
             self._wake.wait(idle_now)
             self._wake.clear()
         log.info("worker %s stopped", self.name)
+
+    def _where(self) -> str:
+        """The database as it may be logged: a file path or a URL without its password."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.database.url).render_as_string(hide_password=True).removeprefix("sqlite:///")
+
+    def render_due_reports(self, *, force: bool = False) -> int:
+        """Render reports that are due (a failed or interrupted rendering), a few at a time, when idle."""
+        now = time.monotonic()
+        if not force and now - self._last_reports < REPORT_CHECK_S:
+            return 0
+        self._last_reports = now
+        from .reportstep import claim_due_reports, render_and_record
+
+        done = 0
+        for case_id in claim_due_reports(self.database, busy_after=self.settings.stale_after_seconds):
+            if self.stop.is_set():
+                break
+            if render_and_record(self.database, case_id, self.paths.reports) is not None:
+                log.info("case %s: report rendered (it was missing)", case_id)
+                done += 1
+        return done
 
     def step(self) -> bool:
         """Reclaim stale jobs, then claim and process one job; False when there was none."""
@@ -569,13 +684,23 @@ class Worker:
         assert self.process is not None, "Worker.load() was not called"
         folder = Path(job.path)
         with _Heartbeat(self.database, job.id, self.name, self.settings.heartbeat_seconds):
-            try:
-                result = self.process(self.database, folder, predictor=self.predictor, settings=self.settings,
-                                      job_id=job.id, job_worker=self.name, reports_dir=self.paths.reports)
-            except Exception as exc:  # noqa: BLE001 - a bad case or a bug must not kill the watcher
-                self._failed(job, folder, exc, time.perf_counter() - t0)
-                return
+            tries = 0
+            while True:
+                try:
+                    result = self.process(self.database, folder, predictor=self.predictor, settings=self.settings,
+                                          job_id=job.id, job_worker=self.name, reports_dir=self.paths.reports)
+                    break
+                except Exception as exc:  # noqa: BLE001 - a bad case or a bug must not kill the watcher
+                    reason = transient_reason(exc)
+                    if reason is None:
+                        self._failed(job, folder, exc, time.perf_counter() - t0)
+                        return
+                    tries += 1
+                    if not self._wait_transient(job, reason, tries):
+                        return
         jobs.finish_done(self.database, job.id, self.name)
+        if self._still_changing(job, folder):
+            return
         dest = self._move(folder, self.paths.processed, job.case_id)
         timings = getattr(result, "timings", None) or {}
         parts = ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total")
@@ -585,6 +710,30 @@ class Worker:
                  f"; {parts}" if parts else "", getattr(result, "n_chromosomes", "?"),
                  getattr(result, "n_cells", "?"), getattr(result, "karyotype", None), dest or "(gone)",
                  job.id, job.attempts, self.name)
+
+    def _wait_transient(self, job: jobs.ClaimedJob, reason: str, tries: int) -> bool:
+        """Wait out a transient fault (backoff, capped) keeping the job; False when stopping meanwhile."""
+        delay = backoff(tries, first=TRANSIENT_FIRST_S, cap=TRANSIENT_CAP_S)
+        log.warning("case %s: transient fault: %s (database %s); trying again in %.0fs, the attempt is not "
+                    "spent [job %d, try %d]", job.case_id, reason, self._where(), delay, job.id, tries)
+        if not self.stop.wait(delay):
+            return True
+        try:  # stopping: hand the job back as it was, for whoever runs next
+            jobs.release(self.database, job.id, self.name, f"released on stop after a transient fault: {reason}")
+        except SQLAlchemyError as exc:
+            log.warning("case %s: could not release job %d (%s); it is queued again when its heartbeat expires",
+                        job.case_id, job.id, transient_reason(exc) or exc)
+        return False
+
+    def _still_changing(self, job: jobs.ClaimedJob, folder: Path) -> bool:
+        """True (and the folder stays) when files changed after the job started: a delivery still arriving
+        is taken up again by the next scan, with everything in it, instead of being moved half-way."""
+        changed = jobs.last_change(folder)
+        if changed is None or job.started_at is None or changed < job.started_at:
+            return False
+        log.warning("case %s: files changed while the case was processed; leaving the folder for the next scan "
+                    "[job %d]", job.case_id, job.id)
+        return True
 
     def _failed(self, job: jobs.ClaimedJob, folder: Path, exc: Exception, elapsed: float) -> None:
         permanent = isinstance(exc, InputError)
@@ -597,6 +746,8 @@ class Worker:
                                     max_attempts=self.settings.max_attempts, permanent=permanent)
         where = f"[job {job.id}, attempt {job.attempts}/{self.settings.max_attempts}, {self.name}]"
         if state == "failed":
+            if self._still_changing(job, folder):
+                return
             dest = self._move(folder, self.paths.failed, job.case_id)
             if dest is not None:
                 _write_error_file(dest, f"case {job.case_id} failed: {error}")
@@ -671,6 +822,13 @@ class _Child:
     index: int
     proc: subprocess.Popen[bytes]
     started: float
+    #: Deaths within CHILD_MIN_LIFETIME_S of their start, in a row, of this worker slot's earlier children;
+    #: updated to include this child once it has died.
+    quick_failures: int = 0
+    #: The stop request (SIGTERM) was forwarded to it.
+    signalled: bool = False
+    #: When its replacement is due (time.monotonic()); set once its death has been handled.
+    restart_at: float | None = None
 
 
 def _child_env(settings: Settings, database: Database, paths: WatchPaths) -> dict[str, str]:
@@ -686,31 +844,47 @@ def _child_env(settings: Settings, database: Database, paths: WatchPaths) -> dic
 
 def _supervise(database: Database, settings: Settings, paths: WatchPaths, scanner: Scanner, stop: StopFlag, *,
                once: bool) -> int:
-    """Run settings.workers worker processes; this process scans (and restarts a crashed worker)."""
+    """Run settings.workers worker processes; this process scans and restarts a worker process that dies.
+
+    A dead worker is restarted after a delay (CHILD_RESTART_DELAY_S) that doubles while it keeps dying within
+    CHILD_MIN_LIFETIME_S of its start; CHILD_MAX_QUICK_FAILURES such deaths in a row of one worker stop the
+    watcher (exit 1): that is a broken model or setting, not bad luck. With once, a dead worker is not
+    replaced (the others finish the queue, and the exit code says one failed).
+    """
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    cmd = [sys.executable, "-m", "chromobatch.cli", "--log-level", str(level), "watch", str(paths.incoming),
+    # -P (safe_path, Python >= 3.11): `python -m` would put the current directory first on sys.path, and a
+    # typer.py, torch.py or chromobatch/ there would be imported (and run) by every worker. Not -I: it also
+    # implies -E and -s, which drop PYTHONPATH and the user site-packages, and a deployment may find
+    # chromobatch (or its dependencies) only through those, as this process did.
+    cmd = [sys.executable, "-P", "-m", "chromobatch.cli", "--log-level", str(level), "watch", str(paths.incoming),
            "--worker-only", "--reports", str(paths.reports)] + (["--once"] if once else [])
     env = _child_env(settings, database, paths)
-    children: list[_Child] = []
-    lock = threading.Lock()
+    children: dict[int, _Child] = {}
+    # Reentrant: the signal handler (which forwards SIGTERM) runs in the main thread, maybe while it holds this.
+    lock = threading.RLock()
 
-    def forward() -> None:
+    def forward(force: bool = False) -> None:
         with lock:
-            for child in children:
-                if child.proc.poll() is None:
+            for child in children.values():
+                if child.proc.poll() is None and (force or not child.signalled):
+                    child.signalled = True
                     try:
                         child.proc.send_signal(signal.SIGTERM)
                     except ProcessLookupError:
                         pass
 
     stop.add_hook(forward)
-    stop.add_hook(forward, force=True)
+    stop.add_hook(lambda: forward(force=True), force=True)
 
-    def start(index: int) -> None:
-        # A session of its own: a terminal's Ctrl-C reaches only this process, which forwards SIGTERM once.
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    def start(index: int, quick_failures: int = 0) -> None:
         with lock:
-            children[:] = [c for c in children if c.index != index] + [_Child(index, proc, time.monotonic())]
+            if stop.is_set():
+                return
+            # A session of its own: a terminal's Ctrl-C reaches only this process, which forwards SIGTERM once.
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+            children[index] = _Child(index, proc, time.monotonic(), quick_failures=quick_failures)
+            if stop.is_set():  # the stop request arrived while it was being started
+                forward()
         log.info("worker process %d started (pid %d)", index, proc.pid)
 
     thread: threading.Thread | None = None
@@ -725,33 +899,48 @@ def _supervise(database: Database, settings: Settings, paths: WatchPaths, scanne
             for i in range(settings.workers):
                 start(i)
         while True:
+            now = time.monotonic()
             with lock:
-                running = [c for c in children if c.proc.poll() is None]
-                ended = [c for c in children if c.proc.poll() is not None]
+                current = list(children.values())
+            running = [c for c in current if c.proc.poll() is None]
             if not running and (once or stop.is_set() or failed):
                 break
-            for child in ended:
-                rc = child.proc.returncode
+            for child in current:
                 if once or stop.is_set() or failed:
+                    break
+                if child.restart_at is not None:  # dead, handled: its replacement is due at restart_at
+                    if child.restart_at <= now:
+                        start(child.index, child.quick_failures)
                     continue
-                lived = time.monotonic() - child.started
-                if lived < CHILD_MIN_LIFETIME_S:
-                    log.error("worker process %d exited with code %s after %.1fs; stopping", child.index, rc, lived)
+                if child.proc.poll() is None:
+                    continue
+                rc = child.proc.returncode
+                lived = now - child.started
+                child.quick_failures = child.quick_failures + 1 if lived < CHILD_MIN_LIFETIME_S else 0
+                if child.quick_failures >= CHILD_MAX_QUICK_FAILURES:
+                    log.error("worker process %d failed %d times in a row within %g s of starting (last exit code "
+                              "%s); stopping: check the model and the settings", child.index, child.quick_failures,
+                              CHILD_MIN_LIFETIME_S, rc)
                     failed = True
                     threading.Event.set(stop)
                     forward()
-                else:
-                    log.error("worker process %d exited with code %s; starting a new one", child.index, rc)
-                    start(child.index)
+                    break
+                # 1 s after a long life or a first quick death, then 2 s, 4 s, ... up to the cap
+                delay = min(CHILD_RESTART_DELAY_MAX_S, CHILD_RESTART_DELAY_S * 2 ** max(child.quick_failures - 1, 0))
+                child.restart_at = now + delay
+                log.error("worker process %d (pid %d) exited with code %s after %.1fs; starting a new one in %gs",
+                          child.index, child.proc.pid, rc, lived, delay)
             if stop.is_set() or failed:
                 time.sleep(0.2)
             else:
-                stop.wait(0.5)
+                stop.wait(0.25)
     finally:
         if thread is not None:
             threading.Event.set(stop)
             scanner.wake()
             thread.join(timeout=10)
-    codes = [c.proc.returncode for c in children]
-    log.info("worker processes ended with codes %s", codes)
-    return 1 if failed or any(code != 0 for code in codes) else 0
+    with lock:
+        ended = list(children.values())
+    log.info("worker processes ended with codes %s", [c.proc.returncode for c in ended])
+    # A child whose death was handled (a replacement was due) does not count: the stop request came first.
+    return 1 if failed or any(c.proc.returncode != 0 for c in ended if c.restart_at is None) else 0
