@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -48,7 +49,18 @@ def friendly(func: F) -> F:
 
 
 def settings(**overrides: Any) -> Settings:
-    return load_settings(overrides, config_file=_state["config"])
+    cfg = load_settings(overrides, config_file=_state["config"])
+    _apply_file_mode(cfg)
+    return cfg
+
+
+def _apply_file_mode(cfg: Settings) -> None:
+    """file_mode -> the process umask, so that every file this command (and SQLite, and its children)
+    creates gets that mode; empty leaves the umask the command was started with (systemd: UMask=)."""
+    if cfg.file_mode:
+        from .files import umask_for_mode
+
+        os.umask(umask_for_mode(int(cfg.file_mode, 8)))
 
 
 def setup_logging(level: str) -> None:
@@ -73,10 +85,12 @@ def main_callback(
 ) -> None:
     _state["config"] = config
     try:
-        level = log_level or load_settings(config_file=config).log_level
+        cfg: Settings | None = load_settings(config_file=config)
     except ChromobatchError:
-        level = log_level or "INFO"
-    setup_logging(level)
+        cfg = None  # the command reports it, if it reads the settings
+    setup_logging(log_level or (cfg.log_level if cfg is not None else "INFO"))
+    if cfg is not None:
+        _apply_file_mode(cfg)  # before any command creates a file, also those that never call settings()
 
 
 # --------------------------------------------------------------------------------------------------

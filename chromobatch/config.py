@@ -47,6 +47,10 @@ class Settings:
     loss_penalty: float = 8.0
     max_image_pixels: int = 4096 * 4096
     log_level: str = "INFO"
+    #: Mode of every file chromobatch creates (reports, PNGs, DICOM, the SQLite database, error files): an
+    #: octal string like "0640" (quoted in TOML); folders get x where r is set. Empty: follow the process
+    #: umask (UMask=0027 in the systemd units gives 0640). The CLI sets the umask from it once at start.
+    file_mode: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,6 +95,17 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError(f"max_image_pixels must be >= 16, got {s.max_image_pixels}")
     if not 0.0 <= s.low_confidence <= 1.0:
         raise ConfigError(f"low_confidence must be within 0..1, got {s.low_confidence}")
+    if s.file_mode:
+        digits = s.file_mode.strip().lower().removeprefix("0o")
+        if not digits or any(c not in "01234567" for c in digits) or int(digits, 8) > 0o777:
+            raise ConfigError(f"file_mode must be an octal mode like \"0640\" (a string, at most 0777), "
+                              f"got {s.file_mode!r}")
+        mode = int(digits, 8)
+        if mode & 0o002:
+            raise ConfigError(f"file_mode {s.file_mode} lets everybody write the files; use 0640 or 0600")
+        if mode & 0o600 != 0o600:
+            raise ConfigError(f"file_mode {s.file_mode} must let the owner read and write (0600 at least)")
+        s = dataclasses.replace(s, file_mode=f"{mode:04o}")
     return s
 
 

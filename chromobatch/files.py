@@ -1,4 +1,9 @@
-"""Writing files that other processes read (watchers, PACS senders, a later training run)."""
+"""Writing files that other processes read (watchers, PACS senders, a later training run).
+
+Reports and Encapsulated PDFs carry patient names, IDs and birth dates: every file is created with the
+process umask (0o666 & ~umask, like open() would), never wider. The systemd units set UMask=0027; the
+file_mode setting sets the umask for a whole command (chromobatch.cli).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,35 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes | str | Callable[[Path], object], *, mode: int = 0o644) -> Path:
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc/self/status, "Umask:").
+
+    Elsewhere (or without /proc) it is read by setting it and setting it back, which is racy only against
+    another thread creating a file at that very moment.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def umask_for_mode(mode: int) -> int:
+    """The umask that creates files with `mode` (& 0o666) and folders with `mode` plus x where r is set."""
+    folders = mode | ((mode & 0o444) >> 2)
+    return 0o777 & ~folders
+
+
+def atomic_write(path: Path, data: bytes | str | Callable[[Path], object], *, mode: int = 0o666) -> Path:
     """Write via a temporary file in the same folder, then rename: nobody ever sees half a file.
 
-    `data` is the content, or a function that writes the temporary path it is given.
+    `data` is the content, or a function that writes the temporary path it is given. The file gets
+    `mode` & ~umask, as if open() had created it (mkstemp would leave 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,7 +54,7 @@ def atomic_write(path: Path, data: bytes | str | Callable[[Path], object], *, mo
             Path(tmp).write_text(data, encoding="utf-8")
         else:
             Path(tmp).write_bytes(data)
-        os.chmod(tmp, mode)  # mkstemp makes 0600; these files are meant to be read by others
+        os.chmod(tmp, mode & 0o777 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -4,7 +4,10 @@
   `READY` (or `ready.txt`) marker, or when nothing in it changed for settings.quiet_seconds, judged by file
   count, sizes and the newest ctime, seen unchanged on two scans in a row. So a slow copy (or an rsync with
   hidden temporary files) is never read half-written, and folders already waiting at start are taken.
-  An empty folder is not a case yet.
+  settings.readiness chooses: `either` (marker or quiet, the default), `quiet`, or `ready` (the marker
+  only, however long a copy pauses). An empty folder is not a case yet (said once in the log); a file
+  where a case folder was expected is moved to failed/ with the reason beside it. A folder whose files
+  changed after its job started is not moved: the next scan queues it again, with everything in it.
 * Change detection: watchdog's inotify observer wakes the scanner; `--poll SECONDS` (settings.poll_seconds
   > 0) scans every SECONDS instead, for network shares where inotify sees nothing. The scan is always the
   source of truth, the events only make it prompt.
@@ -14,10 +17,13 @@
   (`CASE.1`, `CASE.2`, ...). Relative processed_dir, failed_dir and reports_dir settings are relative to
   the incoming folder's *parent* (`/data/incoming` -> `/data/processed`), which keeps them out of the
   watched tree; `--reports` on the command line is relative to the current directory.
-* Bad input (chromobatch.errors.InputError: an empty case, an invalid folder name) fails at once; any other
-  error (a bug, the database gone) is retried up to settings.max_attempts. A worker killed mid-case leaves
-  its job `running` with a heartbeat that stops; another worker (or the next start) re-queues it after
-  settings.stale_after_seconds.
+* Bad input (chromobatch.errors.InputError: an empty case, an invalid folder name) fails at once; a
+  transient fault (chromobatch.faults: a full disk, a locked or read-only database, a lost connection) is
+  retried with exponential backoff (1 s doubling to 60 s) without spending an attempt; any other error (a
+  bug) is retried up to settings.max_attempts. The report is a step of its own (chromobatch.reportstep):
+  idle workers render the reports that are due, and `chromobatch status` lists those still missing.
+  A worker killed mid-case leaves its job `running` with a heartbeat that stops; another worker (or the
+  next start) re-queues it after settings.stale_after_seconds.
 * `settings.workers` > 1 runs that many worker processes (this command again with --worker-only) while
   this process scans and supervises; separate watchers on one PostgreSQL database split the queue too.
 * SIGTERM/SIGINT: finish the current case, then exit 0; a second signal stops at once (the case's

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import PG_ADMIN_URL, PG_HOST, PG_PORT, chromosome_array, pg_reachable, write_png
+from helpers import PG_ADMIN_URL, PG_HOST, PG_PORT, Watcher, chromosome_array, pg_reachable, write_png
 
 
 @pytest.fixture
@@ -64,3 +65,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_model(net, {"backbone": "test_resnet", "embed_dim": 32, "preprocess": spec.to_dict(), "name": "tiny",
                      "version": "t1"}, folder)
     return folder
+
+
+@pytest.fixture
+def watcher_env(tiny_model_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHROMOBATCH_")}
+    env.update(CHROMOBATCH_MODEL=str(tiny_model_dir), CHROMOBATCH_DEVICE="cpu", CHROMOBATCH_QUIET_SECONDS="1.2",
+               CHROMOBATCH_HEARTBEAT_SECONDS="0.2", CHROMOBATCH_STALE_AFTER_SECONDS="2",
+               OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.fixture
+def watchers() -> Iterator[list[Watcher]]:
+    started: list[Watcher] = []
+    yield started
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait()

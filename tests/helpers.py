@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +94,22 @@ def write_dicom(path: Path, arr: np.ndarray, *, series_uid: str, series_number: 
     path.parent.mkdir(parents=True, exist_ok=True)
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path
+
+
+class Watcher:
+    """One `chromobatch watch` subprocess, its log in a file."""
+
+    def __init__(self, root: Path, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.log = root / f"{name}.log"
+        self._fh = self.log.open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "chromobatch.cli", "watch", *args], env=env,
+                                     cwd=root, stdout=self._fh, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=timeout)
+        self._fh.close()
+        return rc

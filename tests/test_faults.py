@@ -19,10 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import chromosome_array, write_png
+from helpers import Watcher, chromosome_array, write_png
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
-from test_watch import Watcher, job_rows, make_case, settings_for, wait_for, watcher_env, watchers  # noqa: F401, F811
+from test_watch import job_rows, make_case, settings_for, wait_for
 from typer.testing import CliRunner
 
 from chromobatch import db, jobs

@@ -9,18 +9,16 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from helpers import chromosome_array, write_png
+from helpers import Watcher, chromosome_array, write_png
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
@@ -317,44 +315,6 @@ def test_status_command(sqlite_path: Path, layout: SimpleNamespace) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # real watcher processes
-
-
-@pytest.fixture
-def watcher_env(tiny_model_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHROMOBATCH_")}
-    env.update(CHROMOBATCH_MODEL=str(tiny_model_dir), CHROMOBATCH_DEVICE="cpu", CHROMOBATCH_QUIET_SECONDS="1.2",
-               CHROMOBATCH_HEARTBEAT_SECONDS="0.2", CHROMOBATCH_STALE_AFTER_SECONDS="2",
-               OMP_NUM_THREADS="1")
-    return env
-
-
-class Watcher:
-    """One `chromobatch watch` subprocess, its log in a file."""
-
-    def __init__(self, root: Path, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.log = root / f"{name}.log"
-        self._fh = self.log.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "chromobatch.cli", "watch", *args], env=env,
-                                     cwd=root, stdout=self._fh, stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=timeout)
-        self._fh.close()
-        return rc
-
-
-@pytest.fixture
-def watchers() -> Iterator[list[Watcher]]:
-    started: list[Watcher] = []
-    yield started
-    for w in started:
-        if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait()
 
 
 def check_each_case_once(database: db.Database, expect_done: set[str], expect_failed: set[str],
