@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import PG_ADMIN_URL, PG_HOST, PG_PORT, Watcher, chromosome_array, pg_reachable, write_png
@@ -81,6 +82,13 @@ def watchers() -> Iterator[list[Watcher]]:
     started: list[Watcher] = []
     yield started
     for w in started:
-        if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait()
+        w.kill_all()
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> SimpleNamespace:
+    """A watched folder and the folders beside it, as `chromobatch watch` resolves them."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    return SimpleNamespace(root=tmp_path, incoming=incoming, processed=tmp_path / "processed",
+                           failed=tmp_path / "failed", reports=tmp_path / "reports")

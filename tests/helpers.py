@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -97,13 +98,19 @@ def write_dicom(path: Path, arr: np.ndarray, *, series_uid: str, series_number: 
 
 
 class Watcher:
-    """One `chromobatch watch` subprocess, its log in a file."""
+    """One `chromobatch watch` subprocess, its log in a file (ROOT/NAME.log).
 
-    def __init__(self, root: Path, name: str, args: list[str], env: dict[str, str]) -> None:
+    safe_path runs it with -P, so that the watcher itself does not import from `cwd` (what its workers do
+    is what tests/test_workers.py checks).
+    """
+
+    def __init__(self, root: Path, name: str, args: list[str], env: dict[str, str], *, cwd: Path | None = None,
+                 safe_path: bool = False) -> None:
         self.log = root / f"{name}.log"
         self._fh = self.log.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "chromobatch.cli", "watch", *args], env=env,
-                                     cwd=root, stdout=self._fh, stderr=subprocess.STDOUT)
+        flags = ["-P"] if safe_path else []
+        self.proc = subprocess.Popen([sys.executable, *flags, "-m", "chromobatch.cli", "watch", *args], env=env,
+                                     cwd=cwd or root, stdout=self._fh, stderr=subprocess.STDOUT)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -113,3 +120,27 @@ class Watcher:
         rc = self.proc.wait(timeout=timeout)
         self._fh.close()
         return rc
+
+    def kill_all(self) -> None:
+        """Kill the watcher and its worker processes (they would notice their parent is gone, but not at once)."""
+        if self.proc.poll() is not None:
+            return
+        orphans = child_pids(self.proc.pid)
+        self.proc.kill()
+        self.proc.wait()
+        for pid in orphans:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def child_pids(pid: int) -> set[int]:
+    """The direct children of a process, from /proc (Linux >= 3.5 with CONFIG_PROC_CHILDREN)."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out |= {int(x) for x in (task / "children").read_text().split()}
+        except (OSError, ValueError):
+            continue
+    return out

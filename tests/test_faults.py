@@ -31,14 +31,6 @@ from chromobatch.faults import transient_reason
 from chromobatch.watch import ERROR_FILE, ReadyTracker, Scanner, Worker, resolve_paths
 
 
-@pytest.fixture
-def layout(tmp_path: Path) -> SimpleNamespace:
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    return SimpleNamespace(root=tmp_path, incoming=incoming, processed=tmp_path / "processed",
-                           failed=tmp_path / "failed", reports=tmp_path / "reports")
-
-
 def truncated_png(path: Path, arr: object) -> bytes:
     """Write a PNG cut in half (a copy that broke off); return the whole file's bytes."""
     write_png(path, arr)  # type: ignore[arg-type]

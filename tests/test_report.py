@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import chromosome_array
+from helpers import chromosome_array, write_png
 from PIL import Image
 from pypdf import PdfReader
 from typer.testing import CliRunner
@@ -18,12 +18,15 @@ from typer.testing import CliRunner
 from chromobatch import CLASSES, __version__, db
 from chromobatch.cli import app
 from chromobatch.errors import CaseNotFound
+from chromobatch.files import current_umask
 from chromobatch.imaging import encode_png, normalise
 from chromobatch.report import (
     ENCAPSULATED_PDF_STORAGE,
     KARYOGRAM_SIZE,
     REVIEW_STATEMENT,
     abnormal_classes,
+    cell_of_rejected,
+    load_case_view,
     render_case_report,
     upright,
 )
@@ -272,3 +275,124 @@ def test_cli_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: case 'NOPE' not found"] and "chromobatch status" in result.stderr
+
+
+def _flat(text: str) -> str:
+    """Whitespace normalised: pypdf breaks wrapped lines; the words stay in order."""
+    return " ".join(text.split())
+
+
+def test_rendering_streams_one_karyogram_at_a_time(database: db.Database, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory does not grow with the number of cells: no crops in the view, each cell's image gone before
+    the next one is drawn, the PDF written to a temporary file next to the target (no leftovers)."""
+    import gc
+    import weakref
+
+    from chromobatch import report
+
+    ids = _add_case(database, cells=[TRISOMY21, NORMAL_XX, TRISOMY21], dicom=False)
+    view = load_case_view(database, "CASE123")
+    assert all(c.crop is None for cell in view.all_cells for c in cell.chromosomes)
+    alive: list[weakref.ref] = []
+    layout = report.layout_karyogram
+
+    def tracked(cell: report.CellView, **kw: object) -> report.Karyogram:
+        gc.collect()
+        assert not [r for r in alive if r() is not None], "an earlier cell's image or crops are still held"
+        assert all(c.crop is not None for c in cell.chromosomes)
+        kg = layout(cell, **kw)
+        alive.append(weakref.ref(kg.image))
+        alive.extend(weakref.ref(c.crop) for c in cell.chromosomes)
+        return kg
+
+    monkeypatch.setattr(report, "layout_karyogram", tracked)
+    out = tmp_path / "out"
+    result = render_case_report(database, "CASE123", out / "r.pdf", png_dir=tmp_path / "png")
+    assert result.pages == len(PdfReader(result.pdf).pages) == 4
+    assert sorted(p.chromosome_id for p in result.placements[3]) == sorted(ids["cell03"])
+    assert len(result.pngs) == 3 and all(p.is_file() for p in result.pngs)
+    assert sorted(out.iterdir()) == [out / "r.pdf"]  # no temporary PDF or page images left behind
+    assert result.pdf.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # atomic_write's rule, not mkstemp's
+
+
+def test_cell_of_rejected() -> None:
+    cells = {"cell01", "cell02"}
+    assert cell_of_rejected("cell01/c03.png", cells) == "cell01"
+    assert cell_of_rejected("cell02/sub/c03.png", cells) == "cell02"
+    assert cell_of_rejected("cell09/c03.png", cells) is None  # every file of that cell rejected: no cell
+    assert cell_of_rejected("c03.png", cells) is None  # flat file, no flat cell
+    assert cell_of_rejected("c03.png", {"root"}) == "root"
+    assert cell_of_rejected("root/c03.png", ["root", "x"]) == "root"
+    assert cell_of_rejected("1.2.3.dcm", {"1.2.826.0.1.3680043.8.498.5"}) is None  # DICOM: series unknown
+
+
+def test_files_not_used_none(database: db.Database, tmp_path: Path) -> None:
+    _add_case(database, dicom=False)
+    result = render_case_report(database, "CASE123", tmp_path / "r.pdf")
+    text = _flat(_text(result.pdf)[0])
+    assert "Files not used none" in text and "incomplete input" not in text
+
+
+def test_files_not_used_of_a_case_processed_before(database: db.Database, tmp_path: Path) -> None:
+    """Rejected rows but no "rejected_files" in the summary (processed before the pipeline recorded them):
+    the report derives each file's cell itself, escapes the text and lists every file over several pages."""
+    _add_case(database, cells=[TRISOMY21, TRISOMY21], dicom=False)
+    many = [f"cell02/extra{i:03d}.png" for i in range(150)]
+    with database.session() as s:
+        case = s.query(db.Case).filter_by(case_id="CASE123").one()
+        rows = {"cell01/c46.png": "truncated or corrupt image: <broken & cut> stream",
+                "stray/x.png": "not an image Pillow can read", "notes.txt": "not a chromosome image"}
+        rows.update({f: "blank image: no chromosome found" for f in many})
+        for file, reason in rows.items():
+            s.add(db.RejectedFile(case_pk=case.id, source_file=file, reason=reason))
+    result = render_case_report(database, "CASE123", tmp_path / "r.pdf")
+    pages = [_flat(t) for t in _text(result.pdf)]
+    summary_pages, cell_pages = pages[:-2], pages[-2:]
+    assert result.pages == len(pages) and len(summary_pages) >= 3  # the table runs over pages
+    summary = " ".join(summary_pages)
+    assert "Files not used" in summary and "153 file(s) of the case could not be used" in summary
+    assert "cell01/c46.png cell01 truncated or corrupt image: <broken & cut> stream" in summary
+    assert "stray/x.png cell unknown not an image Pillow can read" in summary
+    assert "notes.txt cell unknown not a chromosome image" in summary
+    assert all(f"{f} cell02 blank image" in summary for f in many)
+    assert "incomplete input: 1 file(s) not used (cell01/c46.png)" in summary  # Cells table, Notes column
+    assert "incomplete input: 150 file(s) not used (cell02/extra000.png, " in summary
+    assert "Cell 1 of 2 (cell01)" in cell_pages[0]
+    assert "incomplete input: 1 file(s) not used (cell01/c46.png)" in cell_pages[0]  # caption
+    assert "incomplete input: 150 file(s) not used (cell02/extra000.png" in cell_pages[1]
+    assert "and 140 more (see Files not used)" in cell_pages[1]
+
+
+def test_truncated_crop_is_reported_not_silently_a_monosomy(simple_case: Path, tmp_path: Path,
+                                                            tiny_model_dir: Path) -> None:
+    """A real case with one truncated PNG: ingest rejects it, the report lists it with its reason and marks
+    its cell as incomplete input (summary table and karyogram caption)."""
+    from chromobatch.config import load_settings
+    from chromobatch.pipeline import load_predictor, process_case
+
+    bad = simple_case / "cell01" / "c04.png"
+    write_png(bad, chromosome_array(44, 10, seed=7))
+    data = bad.read_bytes()
+    bad.write_bytes(data[:len(data) // 2])
+    database = db.connect(tmp_path / "real.sqlite")
+    try:
+        settings = load_settings({"model": str(tiny_model_dir)})
+        process_case(database, simple_case, predictor=load_predictor(database, settings), settings=settings)
+        with database.session() as s:
+            (reason,) = [r.reason for r in s.query(db.RejectedFile).filter_by(source_file="cell01/c04.png")]
+            n_cells = s.query(db.Cell).count()
+        result = render_case_report(database, "CASE001", tmp_path / "r.pdf")
+    finally:
+        database.dispose()
+    assert n_cells == 2 and reason
+    pages = [_flat(t) for t in _text(result.pdf)]
+    assert result.pages == len(pages) >= 3  # the summary (1 or 2 pages: a random model's findings), 2 cells
+    summary, cell_pages = " ".join(pages[:-2]), pages[-2:]
+    assert "Files not used" in summary and "Files not used none" not in summary
+    assert f"cell01/c04.png cell01 {_flat(reason)}" in summary
+    assert "incomplete input: 1 file(s) not used (cell01/c04.png)" in summary
+    assert "Cell 1 of 2 (cell01)" in cell_pages[0]
+    assert "incomplete input: 1 file(s) not used (cell01/c04.png)" in cell_pages[0]
+    assert "Cell 2 of 2 (cell02)" in cell_pages[1]
+    assert "incomplete input: " not in cell_pages[1].split("Cell 2 of 2 (cell02)", 1)[1]

@@ -68,14 +68,6 @@ def job_rows(database: db.Database) -> list[tuple[str, str, str | None, int]]:
                 s.execute(select(db.Job, db.Case.case_id).join(db.Case).order_by(db.Job.id))]
 
 
-@pytest.fixture
-def layout(tmp_path: Path) -> SimpleNamespace:
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    return SimpleNamespace(root=tmp_path, incoming=incoming, processed=tmp_path / "processed",
-                           failed=tmp_path / "failed")
-
-
 # --------------------------------------------------------------------------------------------------
 # folders: readiness, moves
 

@@ -10,51 +10,23 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import Watcher, child_pids
 from test_watch import check_each_case_once, make_case, wait_for
 
 from chromobatch import db, jobs
 from chromobatch.watch import CHILD_MIN_LIFETIME_S
 
 
-@pytest.fixture
-def layout(tmp_path: Path) -> SimpleNamespace:
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    return SimpleNamespace(root=tmp_path, incoming=incoming, processed=tmp_path / "processed",
-                           failed=tmp_path / "failed", db=tmp_path / "cases.sqlite")
-
-
-@pytest.fixture
-def env(tiny_model_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHROMOBATCH_")}
-    env.update(CHROMOBATCH_MODEL=str(tiny_model_dir), CHROMOBATCH_DEVICE="cpu", CHROMOBATCH_QUIET_SECONDS="1.0",
-               CHROMOBATCH_HEARTBEAT_SECONDS="0.2", CHROMOBATCH_STALE_AFTER_SECONDS="2", OMP_NUM_THREADS="1")
-    return env
-
-
-class Supervisor:
-    """`chromobatch watch ... --workers 2` as a subprocess, its log in a file.
-
-    Started with -P, so that the supervisor itself does not import from `cwd` (what its workers do is the
-    point of these tests).
-    """
+class Supervisor(Watcher):
+    """`chromobatch watch ... --workers 2`, itself started with -P: what its workers import is the point."""
 
     def __init__(self, log: Path, args: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.log = log
-        self._fh = log.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "chromobatch.cli", "watch", *args], env=env,
-                                     cwd=cwd, stdout=self._fh, stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
+        super().__init__(log.parent, log.stem, args, env, cwd=cwd, safe_path=True)
 
     def started(self) -> list[tuple[int, int]]:
         """(worker index, pid) of every `worker process N started (pid P)` line, in order."""
@@ -63,38 +35,19 @@ class Supervisor:
     def ready_pids(self) -> set[int]:
         return {int(p) for p in re.findall(r"worker \S+:(\d+) ready", self.text())}
 
-    def stop(self, timeout: float = 30) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=timeout)
-        self._fh.close()
-        return rc
+
+def two_workers(layout: SimpleNamespace) -> list[str]:
+    return [str(layout.incoming), "--db", str(layout.root / "cases.sqlite"), "--workers", "2"]
 
 
 @pytest.fixture
-def supervisors() -> Iterator[list[Supervisor]]:
-    started: list[Supervisor] = []
-    yield started
-    for s in started:
-        if s.proc.poll() is None:
-            orphans = child_pids(s.proc.pid)
-            s.proc.kill()
-            s.proc.wait()
-            for pid in orphans:  # they would notice their parent is gone, but not at once
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+def env(watcher_env: dict[str, str]) -> dict[str, str]:
+    return dict(watcher_env, CHROMOBATCH_QUIET_SECONDS="1.0")
 
 
-def child_pids(pid: int) -> set[int]:
-    """The direct children of a process, from /proc (Linux >= 3.5 with CONFIG_PROC_CHILDREN)."""
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found |= {int(p) for p in (task / "children").read_text().split()}
-        except FileNotFoundError:
-            continue
-    return found
+@pytest.fixture
+def supervisors(watchers: list[Watcher]) -> list[Watcher]:
+    return watchers
 
 
 @pytest.mark.slow
@@ -104,8 +57,7 @@ def test_workers_do_not_import_from_the_working_directory(layout: SimpleNamespac
     cwd.mkdir()
     marker = layout.root / "imported-typer-from-cwd"
     (cwd / "typer.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\n")
-    sup = Supervisor(layout.root / "sup.log", [str(layout.incoming), "--db", str(layout.db), "--workers", "2"], env,
-                     cwd)
+    sup = Supervisor(layout.root / "sup.log", two_workers(layout), env, cwd)
     supervisors.append(sup)
     wait_for(lambda: len(sup.ready_pids()) == 2 or sup.proc.poll() is not None, 90, "two workers ready",
              interval=0.2)
@@ -113,7 +65,7 @@ def test_workers_do_not_import_from_the_working_directory(layout: SimpleNamespac
     assert sup.proc.poll() is None, sup.text()[-3000:]
     make_case(layout.incoming, "CWD01", n=2, ready=True)
     wait_for(lambda: (layout.processed / "CWD01").is_dir(), 60, "the case to be processed", interval=0.2)
-    database = db.connect(layout.db)
+    database = db.connect(layout.root / "cases.sqlite")
     wait_for(lambda: jobs.outstanding(database) == 0, 20, "the queue to drain")
     assert sup.stop() == 0, sup.text()[-3000:]
     assert not marker.exists()
@@ -126,8 +78,7 @@ def test_workers_do_not_import_from_the_working_directory(layout: SimpleNamespac
 def test_killed_workers_are_restarted(layout: SimpleNamespace, env: dict[str, str],
                                       supervisors: list[Supervisor]) -> None:
     """kill -9 of worker 1 a second after its start, of worker 0 1.5 s after it is ready: both come back."""
-    sup = Supervisor(layout.root / "sup.log", [str(layout.incoming), "--db", str(layout.db), "--workers", "2"], env,
-                     layout.root)
+    sup = Supervisor(layout.root / "sup.log", two_workers(layout), env, layout.root)
     supervisors.append(sup)
     wait_for(lambda: len(sup.started()) == 2 or sup.proc.poll() is not None, 30, "two worker processes",
              interval=0.05)
@@ -153,7 +104,7 @@ def test_killed_workers_are_restarted(layout: SimpleNamespace, env: dict[str, st
     wait_for(lambda: set(now.values()) <= sup.ready_pids(), 90, "the new workers ready", interval=0.2)
     names = {make_case(layout.incoming, f"AFTER{i}", n=2, seed=i, ready=True).name for i in range(4)}
     wait_for(lambda: not any(layout.incoming.iterdir()), 90, "the incoming folder to empty", interval=0.2)
-    database = db.connect(layout.db)
+    database = db.connect(layout.root / "cases.sqlite")
     wait_for(lambda: jobs.outstanding(database) == 0, 20, "the queue to drain")
     assert sup.proc.poll() is None
     assert sup.stop() == 0, sup.text()[-3000:]
@@ -169,8 +120,7 @@ def test_workers_that_keep_failing_at_start_stop_the_watcher(layout: SimpleNames
     """A missing model: every worker process exits 1 at start; restarted 1 s, 2 s, 4 s, 8 s later, then stop."""
     env = dict(env, CHROMOBATCH_MODEL=str(layout.root / "no-such-model"))
     begin = time.monotonic()
-    sup = Supervisor(layout.root / "sup.log", [str(layout.incoming), "--db", str(layout.db), "--workers", "2"], env,
-                     layout.root)
+    sup = Supervisor(layout.root / "sup.log", two_workers(layout), env, layout.root)
     supervisors.append(sup)
     rc = sup.proc.wait(timeout=240)
     text = sup.text()
