@@ -16,6 +16,7 @@ import re
 import stat
 import warnings
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ DICOM_CASE_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
                    "InstitutionName", "ReferringPhysicianName")
 
 
-def cell_of_rejected(source_file: str, cell_names: set[str] | frozenset[str]) -> str | None:
+def cell_of_rejected(source_file: str, cell_names: Collection[str]) -> str | None:
     """The cell a rejected file belonged to, judged from its path as scan_case names cells.
 
     `CELL/x.png` belongs to CELL, a flat `x.png` to the flat cell; None when that cell holds no stored

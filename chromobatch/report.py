@@ -6,6 +6,15 @@ scale per cell (a 1 must look bigger than a 21), homologs side by side above the
 chromosomes and abnormal counts marked. For DICOM cases the PDF is also wrapped as an Encapsulated PDF
 instance of the patient's study so it can be sent to the PACS.
 
+Files of the case that ingest could not use (`rejected_files`) are listed on the summary pages with their
+reasons, and a cell that lost a file is marked "incomplete input" (its count, e.g. 45,XY,-11, may be
+missing the very chromosome whose file was rejected), so a bad file never silently becomes a monosomy.
+
+Memory stays flat whatever the number of cells: the view holds no pixel data; each cell's crops are read
+and decoded in their own short query when its page is drawn, its karyogram image is dropped right after,
+and the PDF is written to a temporary file in the target folder (then renamed), not kept in memory as a
+whole beyond what reportlab holds until it saves (about the size of the output file).
+
 Patient identifiers appear in the report and the DICOM file only, never in log messages.
 """
 
@@ -13,10 +22,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import io
 import logging
+import tempfile
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,10 +36,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import CLASSES, __version__
-from .db import Case, Cell, Chromosome, Database, Label, ModelVersion, Prediction
+from .db import Case, Cell, Chromosome, Database, Label, ModelVersion, Prediction, RejectedFile
 from .errors import CaseNotFound, ConfigError
 from .files import atomic_write
 from .imaging import decode_png
+from .ingest import cell_of_rejected
 from .orient import background_level, upright
 
 log = logging.getLogger(__name__)
@@ -55,6 +66,11 @@ NOT_PROCESSED = "not processed"
 REVIEW_STATEMENT = ("Computer-assisted suggestion. Results require review and confirmation by a qualified "
                     "cytogeneticist before clinical use.")
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
+#: The pipeline's per-cell flag for a cell one of whose files was rejected.
+INCOMPLETE_FLAG = "incomplete_input"
+CELL_UNKNOWN = "cell unknown"
+#: File names listed in one cell's note / caption; the rest are in "Files not used".
+MAX_NAMES_IN_NOTE = 10
 #: Karyogram image size in pixels: a landscape A4 page at ~180 dpi, the layout karyograms are read in.
 KARYOGRAM_SIZE = (1920, 1100)
 MAX_SCALE = 4.0
@@ -75,7 +91,8 @@ class ChromosomeView:
 
     chromosome_id: int
     source_file: str
-    crop: np.ndarray
+    #: The normalised crop; None in a loaded view (crops are read per cell when its page is drawn).
+    crop: np.ndarray | None
     #: Shown class; None = unclassified (no prediction, no label).
     label: str | None
     #: The model's class after karyotype-aware assignment (None when not predicted).
@@ -102,9 +119,27 @@ class CellView:
     name: str
     chromosomes: list[ChromosomeView]
     summary: dict[str, Any] = field(default_factory=dict)
+    #: The database id of the cell (its crops are read with it); None for a view built in memory.
+    cell_id: int | None = None
+    #: Source files of this cell that ingest rejected (from the rejected_files rows and the summary).
+    rejected_files: list[str] = field(default_factory=list)
 
     def counts(self) -> Counter[str]:
         return Counter(c.label for c in self.chromosomes if c.label is not None)
+
+    @property
+    def incomplete(self) -> bool:
+        """A file of this cell could not be used: a missing chromosome may be in it."""
+        return bool(self.rejected_files) or INCOMPLETE_FLAG in (self.summary.get("flags") or [])
+
+
+@dataclass(frozen=True)
+class RejectedView:
+    """A file of the case that was not used, and why; cell None = the cell is not known."""
+
+    source_file: str
+    reason: str
+    cell: str | None
 
 
 @dataclass
@@ -124,6 +159,8 @@ class CaseView:
     reviewed: bool
     reviewers: list[str]
     last_review_at: datetime | None
+    #: Every rejected file of the case, sorted by path.
+    rejected: list[RejectedView] = field(default_factory=list)
 
     @property
     def dicom(self) -> dict[str, Any]:
@@ -149,8 +186,8 @@ class CaseView:
         return self.input_format == "dicom" or "dicom" in (self.meta or {})
 
 
-def _pick_prediction(preds: list[Prediction], model_version_id: int | None) -> Prediction | None:
-    """The case's model's prediction when there is one, else the newest."""
+def _pick_prediction(preds: list[Any], model_version_id: int | None) -> Any | None:
+    """The case's model's prediction when there is one, else the newest (rows with id, model_version_id)."""
     if not preds:
         return None
     if model_version_id is not None:
@@ -160,7 +197,7 @@ def _pick_prediction(preds: list[Prediction], model_version_id: int | None) -> P
     return max(preds, key=lambda p: p.id)
 
 
-def _model_info(s: Any, case: Case, chosen: list[Prediction]) -> dict[str, str] | None:
+def _model_info(s: Any, case: Case, chosen: list[Any]) -> dict[str, str] | None:
     mv_id = case.model_version_id
     if mv_id is None and chosen:
         mv_id = Counter(p.model_version_id for p in chosen).most_common(1)[0][0]
@@ -174,7 +211,9 @@ def _model_info(s: Any, case: Case, chosen: list[Prediction]) -> dict[str, str] 
 
 
 def load_case_view(database: Database, case_id: str, *, cells: int | None = None) -> CaseView:
-    """Everything the report needs, read in one transaction (3 bulk queries, not one per chromosome)."""
+    """Everything the report needs but the pixels, read in one transaction (bulk queries, not one per
+    chromosome). Crops are not read here (`load_cell_crops` reads one cell's when its page is drawn), nor
+    the predictions' probability vectors: the view's size is a few hundred bytes per chromosome."""
     if cells is not None and cells < 1:
         raise ConfigError(f"cells must be at least 1, got {cells}")
     with database.session() as s:
@@ -182,11 +221,15 @@ def load_case_view(database: Database, case_id: str, *, cells: int | None = None
         if case is None:
             raise CaseNotFound(f"case {case_id!r} not found")
         all_cells: list[Cell] = list(case.cells)
-        chroms: dict[int, list[Chromosome]] = defaultdict(list)
-        for chrom in (s.query(Chromosome).filter(Chromosome.case_pk == case.id).order_by(Chromosome.id)):
-            chroms[chrom.cell_id].append(chrom)
-        preds: dict[int, list[Prediction]] = defaultdict(list)
-        for pred in (s.query(Prediction).join(Chromosome, Prediction.chromosome_id == Chromosome.id)
+        chroms: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        for chrom_id, cell_id, source_file in (
+                s.query(Chromosome.id, Chromosome.cell_id, Chromosome.source_file)
+                .filter(Chromosome.case_pk == case.id).order_by(Chromosome.id)):
+            chroms[cell_id].append((chrom_id, source_file))
+        preds: dict[int, list[Any]] = defaultdict(list)
+        for pred in (s.query(Prediction.id, Prediction.chromosome_id, Prediction.model_version_id, Prediction.label,
+                             Prediction.assigned_label, Prediction.confidence, Prediction.flags)
+                     .join(Chromosome, Prediction.chromosome_id == Chromosome.id)
                      .filter(Chromosome.case_pk == case.id)):
             preds[pred.chromosome_id].append(pred)
         labels: dict[int, Label] = {}
@@ -200,25 +243,38 @@ def load_case_view(database: Database, case_id: str, *, cells: int | None = None
 
         summary = case.summary if isinstance(case.summary, dict) else None
         cell_summaries = {str(c.get("cell")): c for c in (summary or {}).get("cells", []) if isinstance(c, dict)}
-        chosen: list[Prediction] = []
+        names = {cell.name for cell in all_cells}
+        rejected = [RejectedView(r.source_file, r.reason or "", cell_of_rejected(r.source_file, names))
+                    for r in s.query(RejectedFile.source_file, RejectedFile.reason)
+                    .filter(RejectedFile.case_pk == case.id).order_by(RejectedFile.source_file)]
+        rejected_by_cell: dict[str, list[str]] = defaultdict(list)
+        for r in rejected:
+            if r.cell is not None:
+                rejected_by_cell[r.cell].append(r.source_file)
+        chosen: list[Any] = []
         views: list[CellView] = []
         for number, cell in enumerate(all_cells, start=1):
             items = []
-            for chrom in chroms.get(cell.id, []):
-                pred = _pick_prediction(preds.get(chrom.id, []), case.model_version_id)
-                view = ChromosomeView(chromosome_id=chrom.id, source_file=chrom.source_file,
-                                      crop=decode_png(chrom.crop_png), label=None)
+            for chrom_id, source_file in chroms.get(cell.id, []):
+                pred = _pick_prediction(preds.get(chrom_id, []), case.model_version_id)
+                view = ChromosomeView(chromosome_id=chrom_id, source_file=source_file, crop=None, label=None)
                 if pred is not None:
                     chosen.append(pred)
                     view.predicted = pred.assigned_label or pred.label
                     view.confidence = float(pred.confidence)
                     view.flags = tuple(str(f) for f in (pred.flags or []))
                     view.label, view.label_source = view.predicted, "model"
-                lab = labels.get(chrom.id) if reviewed else None
+                lab = labels.get(chrom_id) if reviewed else None
                 if lab is not None:
                     view.label, view.label_source, view.reviewer = lab.label, lab.source, lab.reviewer
                 items.append(view)
-            views.append(CellView(number, cell.name, items, cell_summaries.get(cell.name, {})))
+            cell_summary = cell_summaries.get(cell.name, {})
+            from_summary = cell_summary.get("rejected_files")
+            files = set(rejected_by_cell.get(cell.name, []))
+            if isinstance(from_summary, list):
+                files.update(str(f) for f in from_summary)
+            views.append(CellView(number, cell.name, items, cell_summary, cell_id=cell.id,
+                                  rejected_files=sorted(files)))
         return CaseView(
             case_id=case.case_id, status=case.status, input_format=case.input_format, meta=dict(case.meta or {}),
             received_at=case.received_at, processed_at=case.processed_at, summary=summary,
@@ -226,7 +282,20 @@ def load_case_view(database: Database, case_id: str, *, cells: int | None = None
             all_cells=views, cells=views[:cells] if cells is not None else views, reviewed=reviewed,
             reviewers=sorted({r.reviewer or "unnamed reviewer" for r in reviewed_rows}),
             last_review_at=max((r.created_at for r in reviewed_rows), default=None),
+            rejected=rejected,
         )
+
+
+def load_cell_crops(database: Database, cell: CellView) -> CellView:
+    """The cell with its crops decoded, read in one short query of its own (the view holds none)."""
+    if cell.cell_id is None or all(c.crop is not None for c in cell.chromosomes):
+        return cell
+    with database.session() as s:
+        pngs = dict(s.query(Chromosome.id, Chromosome.crop_png).filter(Chromosome.cell_id == cell.cell_id))
+    chromosomes = [c if c.crop is not None else replace(c, crop=decode_png(pngs[c.chromosome_id]))
+                   for c in cell.chromosomes]
+    del pngs
+    return replace(cell, chromosomes=chromosomes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,6 +593,20 @@ def _review_status(view: CaseView) -> str:
     return f"reviewed by {', '.join(view.reviewers)} (last change {_fmt_time(view.last_review_at)})"
 
 
+def incomplete_note(cell: CellView) -> str | None:
+    """'incomplete input: N file(s) not used (names)' for a cell that lost a file; None when it lost none."""
+    files = cell.rejected_files
+    counted = cell.summary.get("files_not_used")
+    if not files and not (isinstance(counted, int) and counted > 0) and not cell.incomplete:
+        return None
+    if not files:
+        n = counted if isinstance(counted, int) and counted > 0 else None
+        return f"incomplete input: {n} file(s) not used" if n else "incomplete input"
+    shown = files[:MAX_NAMES_IN_NOTE]
+    more = f", and {len(files) - len(shown)} more (see Files not used)" if len(files) > len(shown) else ""
+    return f"incomplete input: {len(files)} file(s) not used ({', '.join(shown)}{more})"
+
+
 def _cell_line(view: CaseView, cell: CellView) -> str:
     counts = cell.counts()
     total = len(cell.chromosomes)
@@ -531,8 +614,12 @@ def _cell_line(view: CaseView, cell: CellView) -> str:
     low = sum(c.low_confidence for c in cell.chromosomes)
     unclassified = sum(c.label is None for c in cell.chromosomes)
     parts = [f"{total} chromosomes", f"suggested karyotype: {kt}"]
-    if cell.summary.get("flags"):
-        parts.append("flags: " + ", ".join(str(f) for f in cell.summary["flags"]))
+    note = incomplete_note(cell)
+    if note:
+        parts.append(note)
+    flags = [str(f) for f in cell.summary.get("flags") or [] if f != INCOMPLETE_FLAG]
+    if flags:
+        parts.append("flags: " + ", ".join(flags))
     abnormal = sorted(abnormal_classes(counts), key=CLASSES.index)
     if abnormal:
         parts.append("abnormal count: " + ", ".join(f"{c} (x{counts.get(c, 0)})" for c in abnormal))
@@ -545,12 +632,13 @@ def _cell_line(view: CaseView, cell: CellView) -> str:
 class _Report:
     """Builds the platypus story; page furniture (header, footer, page X of Y) is drawn per page."""
 
-    def __init__(self, view: CaseView, karyograms: list[tuple[CellView, Karyogram, bytes]]) -> None:
-        """karyograms: (cell, karyogram, JPEG bytes of its image) per cell, in page order."""
+    def __init__(self, view: CaseView, render: Callable[[CellView], Path]) -> None:
+        """render: writes a cell's karyogram as a JPEG file and returns its path; called when the cell's
+        page is drawn (one image in memory at a time), the file is deleted once it is in the PDF."""
         from reportlab.lib.styles import ParagraphStyle
 
         self.view = view
-        self.karyograms = karyograms
+        self.render = render
         self.font, self.bold = _pdf_fonts()
         self.generated = datetime.now(UTC)
         self.styles = {
@@ -582,7 +670,6 @@ class _Report:
     def story(self) -> list[Any]:
         from reportlab.lib import colors
         from reportlab.lib.units import mm
-        from reportlab.platypus import Image as RLImage
         from reportlab.platypus import NextPageTemplate, PageBreak, Table, TableStyle
 
         v = self.view
@@ -624,12 +711,16 @@ class _Report:
         if reviewed_kt:
             case_rows.insert(4, ("Karyotype from reviewed labels", reviewed_kt))
         out += [self._p("Case summary", "h2"), self._kv_table(case_rows)]
+        out += self._files_not_used()
 
         header = ["#", "Cell", "Count", "Karyotype", "Notes"]
         data: list[list[Any]] = [[self._p(f"<b>{h}</b>", "cell") for h in header]]
         for cell in v.all_cells:
             kt = cell.summary.get("karyotype") or (NOT_PROCESSED if summary is None else "n/a")
-            notes = [str(f) for f in cell.summary.get("flags", [])]
+            notes = [str(f) for f in cell.summary.get("flags") or [] if f != INCOMPLETE_FLAG]
+            note = incomplete_note(cell)
+            if note:
+                notes.insert(0, note)
             changed = sum(c.changed_by_review for c in cell.chromosomes)
             if changed:
                 notes.append(f"{changed} label(s) changed in review")
@@ -643,15 +734,37 @@ class _Report:
         out += [self._p("Cells", "h2"), table]
 
         frame_w, frame_h = _frame_size(landscape=True)
-        for cell, kg, jpeg in self.karyograms:
+        iw, ih = KARYOGRAM_SIZE
+        scale = min(frame_w / iw, (frame_h - 20 * mm) / ih)
+        for cell in v.cells:
             out += [NextPageTemplate("karyogram"), PageBreak()]
-            iw, ih = kg.image.size
-            scale = min(frame_w / iw, (frame_h - 20 * mm) / ih)
-            out.append(RLImage(io.BytesIO(jpeg), width=iw * scale, height=ih * scale))
+            out.append(_karyogram_flowable()(cell, self.render, iw * scale, ih * scale))
             out.append(self._p(f"<b>Cell {cell.number} of {v.total_cells} ({escape(cell.name)})</b>: "
                                f"{escape(_cell_line(v, cell))}", "body"))
             out.append(self._p(self._review_note(cell), "small"))
         return out
+
+    def _files_not_used(self) -> list[Any]:
+        """Every rejected file of the case with its reason (the table may run over several pages)."""
+        from reportlab.lib import colors
+        from reportlab.lib.units import mm
+        from reportlab.platypus import Table, TableStyle
+
+        rejected = self.view.rejected
+        out: list[Any] = [self._p("Files not used", "h2")]
+        if not rejected:
+            return out + [self._p("none", "body")]
+        out.append(self._p(f"{len(rejected)} file(s) of the case could not be used; a chromosome missing from "
+                           "a cell may be in one of them.", "body"))
+        data: list[list[Any]] = [[self._p(f"<b>{h}</b>", "cell") for h in ("File", "Cell", "Reason")]]
+        for r in rejected:
+            data.append([self._p(escape(r.source_file), "cell"), self._p(escape(r.cell or CELL_UNKNOWN), "cell"),
+                         self._p(escape(r.reason), "cell")])
+        table = Table(data, colWidths=[60 * mm, 30 * mm, 90 * mm], hAlign="LEFT", repeatRows=1)
+        table.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"),
+                                   ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),
+                                   ("LINEBELOW", (0, 1), (-1, -1), 0.25, colors.lightgrey)]))
+        return out + [table]
 
     def _review_note(self, cell: CellView) -> str:
         if not self.view.reviewed:
@@ -692,6 +805,32 @@ class _Report:
         canvas.restoreState()
 
 
+@functools.cache
+def _karyogram_flowable() -> type:
+    """A flowable that renders its cell's karyogram only when it is drawn (reportlab is imported lazily)."""
+    from reportlab.platypus import Flowable
+
+    class KaryogramFlowable(Flowable):
+        def __init__(self, cell: CellView, render: Callable[[CellView], Path], width: float,
+                     height: float) -> None:
+            super().__init__()
+            self.cell, self.render, self.width, self.height = cell, render, width, height
+            self.hAlign = "CENTER"  # as platypus' Image
+
+        def wrap(self, avail_width: float, avail_height: float) -> tuple[float, float]:
+            return self.width, self.height
+
+        def draw(self) -> None:
+            path = self.render(self.cell)
+            try:
+                # A file name: reportlab embeds the JPEG as is (an ImageReader would be decoded to RGB again).
+                self.canv.drawImage(str(path), 0, 0, width=self.width, height=self.height)
+            finally:
+                Path(path).unlink(missing_ok=True)
+
+    return KaryogramFlowable
+
+
 def _review_status_short(view: CaseView) -> str:
     return "unreviewed" if not view.reviewed else f"reviewed by {', '.join(view.reviewers)}"
 
@@ -720,6 +859,8 @@ def _numbered_canvas(font: str) -> Any:
     from reportlab.pdfgen.canvas import Canvas
 
     class NumberedCanvas(Canvas):
+        # Each page's state is kept until save, for the total: its drawing operators and graphics state only.
+        # Images are XObjects of the document (referenced by name from a page), never part of a page state.
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._pages: list[dict[str, Any]] = []
@@ -740,12 +881,13 @@ def _numbered_canvas(font: str) -> Any:
     return NumberedCanvas
 
 
-def build_pdf(view: CaseView, karyograms: list[tuple[CellView, Karyogram, bytes]]) -> tuple[bytes, int]:
-    """The report as PDF bytes and its page count: portrait summary, landscape karyogram pages."""
+def build_pdf(view: CaseView, out: Path | Any, render: Callable[[CellView], Path]) -> int:
+    """Write the report to `out` (a path or a binary file object) and return its page count: portrait
+    summary, landscape karyogram pages. render(cell) writes a cell's karyogram as a JPEG file (see _Report)."""
     from reportlab.lib.units import mm
     from reportlab.platypus import BaseDocTemplate, Frame, PageTemplate
 
-    report = _Report(view, karyograms)
+    report = _Report(view, render)
     left, _, _, bottom = (m * mm for m in _PAGE_MARGINS_MM)
     templates = []
     for name, turned in (("summary", False), ("karyogram", True)):
@@ -754,8 +896,8 @@ def build_pdf(view: CaseView, karyograms: list[tuple[CellView, Karyogram, bytes]
                       id=name)
         templates.append(PageTemplate(id=name, frames=[frame], onPage=report.decorate,
                                       pagesize=_page_size(landscape=turned)))
-    buf = io.BytesIO()
-    doc = BaseDocTemplate(buf, pagesize=_page_size(landscape=False), pageTemplates=templates,
+    doc = BaseDocTemplate(str(out) if isinstance(out, Path) else out, pagesize=_page_size(landscape=False),
+                          pageTemplates=templates,
                           title=f"Karyogram report {view.case_id}", author=f"chromobatch {__version__}",
                           subject="karyogram report", creator="chromobatch")
     from reportlab import rl_config
@@ -766,7 +908,7 @@ def build_pdf(view: CaseView, karyograms: list[tuple[CellView, Karyogram, bytes]
         doc.build(report.story(), canvasmaker=_numbered_canvas(report.font))
     finally:
         rl_config.useA85 = a85
-    return buf.getvalue(), int(doc.page)
+    return int(doc.page)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -820,9 +962,8 @@ def write_encapsulated_pdf(pdf: bytes, view: CaseView, path: Path, *, title: str
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocumentLength = len(pdf)
     ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    atomic_write(path, buf.getvalue())
+    # Straight to the temporary file: no second in-memory copy of the whole instance.
+    atomic_write(path, lambda tmp: pydicom.dcmwrite(tmp, ds, enforce_file_format=True))
     return path
 
 
@@ -856,29 +997,38 @@ def render_case_report(
     """
     view = load_case_view(database, case_id, cells=cells)
     pdf_path = Path(out) if out is not None else Path(reports_dir) / f"{view.case_id}.pdf"
-    karyograms: list[tuple[CellView, Karyogram, bytes]] = []
+    pdf_path.parent.mkdir(parents=True, exist_ok=True)
+    placements: dict[int, list[Placement]] = {}
     pngs: list[Path] = []
-    for cell in view.cells:
-        title = f"Case {view.case_id}  ·  cell {cell.number} of {view.total_cells} ({cell.name})  ·  " \
-                f"{len(cell.chromosomes)} chromosomes"
-        kg = layout_karyogram(cell, title=title)
-        # JPEG goes into the PDF as is (no re-compression): fast and a few hundred kB per page.
-        buf = io.BytesIO()
-        kg.image.save(buf, format="JPEG", quality=92, subsampling=0)
-        karyograms.append((cell, kg, buf.getvalue()))
-        if png_dir is not None:
-            buf = io.BytesIO()
-            kg.image.save(buf, format="PNG", compress_level=3)
-            target = Path(png_dir) / f"{pdf_path.stem}_cell{cell.number}.png"
-            atomic_write(target, buf.getvalue())
-            pngs.append(target)
-    pdf, pages = build_pdf(view, karyograms)
-    atomic_write(pdf_path, pdf)
+    with tempfile.TemporaryDirectory(prefix=f".{pdf_path.stem}.pages.", dir=pdf_path.parent) as pages_dir:
+
+        def render(cell: CellView) -> Path:
+            """One cell's karyogram, drawn when its page is: crops read and the image dropped right after."""
+            title = f"Case {view.case_id}  ·  cell {cell.number} of {view.total_cells} ({cell.name})  ·  " \
+                    f"{len(cell.chromosomes)} chromosomes"
+            kg = layout_karyogram(load_cell_crops(database, cell), title=title)
+            placements[cell.number] = kg.placements
+            # JPEG goes into the PDF as is (no re-compression): fast and a few hundred kB per page.
+            jpeg = Path(pages_dir) / f"cell{cell.number}.jpg"
+            kg.image.save(jpeg, format="JPEG", quality=92, subsampling=0)
+            if png_dir is not None:
+                target = Path(png_dir) / f"{pdf_path.stem}_cell{cell.number}.png"
+                atomic_write(target, lambda tmp: kg.image.save(tmp, format="PNG", compress_level=3))
+                pngs.append(target)
+            kg.image.close()
+            return jpeg
+
+        pages = 0
+
+        def write_pdf(tmp: Path) -> None:
+            nonlocal pages
+            pages = build_pdf(view, tmp, render)
+
+        atomic_write(pdf_path, write_pdf)
     dicom_path = None
     if view.is_dicom:
-        dicom_path = write_encapsulated_pdf(pdf, view, pdf_path.with_suffix(".dcm"),
+        dicom_path = write_encapsulated_pdf(pdf_path.read_bytes(), view, pdf_path.with_suffix(".dcm"),
                                             title=f"Karyogram report {view.case_id}")
-    log.info("report for case %s: %d pages, %d cells%s", view.case_id, pages, len(view.cells),
-             ", Encapsulated PDF written" if dicom_path else "")
-    return ReportResult(pdf_path, pngs, dicom_path, pages,
-                        {cell.number: kg.placements for cell, kg, _ in karyograms})
+    log.info("report for case %s: %d pages, %d cells, %d file(s) not used%s", view.case_id, pages,
+             len(view.cells), len(view.rejected), ", Encapsulated PDF written" if dicom_path else "")
+    return ReportResult(pdf_path, pngs, dicom_path, pages, placements)
