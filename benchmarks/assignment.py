@@ -26,12 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from chromobatch import CLASSES  # noqa: E402
-from chromobatch.assign import DEFAULT_GAIN_PENALTY, DEFAULT_LOSS_PENALTY, assign_cell  # noqa: E402
-from chromobatch.imaging import load_chromosome  # noqa: E402
-from chromobatch.karyotype import cell_karyotype  # noqa: E402
-from chromobatch.modelio import load_model  # noqa: E402
-from chromobatch.preprocess import chromosome_length  # noqa: E402
-from chromobatch.sizeprior import ink, relative_inks  # noqa: E402
+from chromobatch.intake.imaging import load_chromosome  # noqa: E402
+from chromobatch.karyotype.assign import DEFAULT_GAIN_PENALTY, DEFAULT_LOSS_PENALTY, assign_cell  # noqa: E402
+from chromobatch.karyotype.iscn import cell_karyotype  # noqa: E402
+from chromobatch.ml.folders import load_model  # noqa: E402
+from chromobatch.ml.preprocess import chromosome_length  # noqa: E402
+from chromobatch.ml.sizeprior import ink, relative_inks  # noqa: E402
 
 
 def load_cells(manifest: Path, split: str) -> dict[str, tuple[list[np.ndarray], list[str]]]:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from chromobatch.evaluate import evaluate
+from chromobatch.training.evaluate import evaluate
 
 
 def summarise(run: Path, test: str | None, device: str) -> dict[str, Any]:

@@ -31,14 +31,14 @@ sys.path.insert(0, str(REPO))
 
 from common import cpu_name  # noqa: E402
 
-from chromobatch import db  # noqa: E402
 from chromobatch.config import load_settings  # noqa: E402
-from chromobatch.infer import DEFAULT_MODEL_DIR  # noqa: E402
-from chromobatch.ingest import scan_case  # noqa: E402
-from chromobatch.modelio import load_model  # noqa: E402
-from chromobatch.pipeline import load_predictor, process_case  # noqa: E402
-from chromobatch.preprocess import render  # noqa: E402
-from chromobatch.synth import generate_case, generate_cases  # noqa: E402
+from chromobatch.intake.ingest import scan_case  # noqa: E402
+from chromobatch.ml.folders import load_model  # noqa: E402
+from chromobatch.ml.preprocess import render  # noqa: E402
+from chromobatch.registry.register import DEFAULT_MODEL_DIR, load_predictor  # noqa: E402
+from chromobatch.service.pipeline import process_case  # noqa: E402
+from chromobatch.store import db  # noqa: E402
+from chromobatch.synth.generate import generate_case, generate_cases  # noqa: E402
 
 
 def raw_forward(model_dir: Path, cases: list[Path], batch_size: int, device: str, repeats: int) -> tuple[float, int]:

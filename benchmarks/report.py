@@ -27,10 +27,11 @@ sys.path.insert(0, str(REPO))
 
 from common import cpu_name  # noqa: E402
 
-from chromobatch import CLASSES, db  # noqa: E402
-from chromobatch.imaging import encode_png, normalise  # noqa: E402
-from chromobatch.report import render_case_report  # noqa: E402
-from chromobatch.synth import render_cell  # noqa: E402
+from chromobatch import CLASSES  # noqa: E402
+from chromobatch.intake.imaging import encode_png, normalise  # noqa: E402
+from chromobatch.report.render import render_case_report  # noqa: E402
+from chromobatch.store import db  # noqa: E402
+from chromobatch.synth.generate import render_cell  # noqa: E402
 
 
 def build_case(database: db.Database, cells: int, seed: int = 0) -> None:

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from chromobatch.modelio import load_model, save_model
+from chromobatch.ml.folders import load_model, save_model
 
 KEEP = ("n", "accuracy", "top5_accuracy", "recall_macro", "auc_macro")
 

@@ -4,7 +4,7 @@
         --manifest /work/data/g612/manifest.csv --json size-features.json
 
 For each candidate measurement m (crop's longest side; length after turning upright; chromosome area;
-ink = integrated darkness, `chromobatch.sizeprior.ink`), log(m / median m of the cell) gets a Gaussian per
+ink = integrated darkness, `chromobatch.ml.sizeprior.ink`), log(m / median m of the cell) gets a Gaussian per
 class (a full covariance for combinations) fitted on the train split; the image model's log-probabilities
 plus weight x that log-likelihood are scored on the val split for every weight, and the weight best on val
 (ties: the smaller) is then scored on the test split. The model's own size prior, if any, is not used.
@@ -24,10 +24,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from chromobatch.data import load_records  # noqa: E402
-from chromobatch.modelio import load_model  # noqa: E402
-from chromobatch.orient import background_level, chromosome_mask, upright  # noqa: E402
-from chromobatch.sizeprior import WEIGHTS, ink, relative_inks  # noqa: E402
+from chromobatch.ml.folders import load_model  # noqa: E402
+from chromobatch.ml.geometry import background_level, chromosome_mask, upright  # noqa: E402
+from chromobatch.ml.sizeprior import WEIGHTS, ink, relative_inks  # noqa: E402
+from chromobatch.training.records import load_records  # noqa: E402
 
 FEATURES = ("longest_side", "upright_length", "area", "ink")
 COMBOS = (("longest_side",), ("upright_length",), ("area",), ("ink",), ("upright_length", "ink"),

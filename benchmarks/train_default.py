@@ -26,9 +26,9 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from chromobatch.data import load_records
-from chromobatch.synth import generate_dataset
-from chromobatch.train import TrainConfig, train
+from chromobatch.synth.generate import generate_dataset
+from chromobatch.training.loop import TrainConfig, train
+from chromobatch.training.records import load_records
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

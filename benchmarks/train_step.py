@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from chromobatch import NUM_CLASSES
-from chromobatch.data import AugmentConfig, PairSampler, augment
-from chromobatch.losses import LossConfig, total_loss
-from chromobatch.model import create_model
-from chromobatch.preprocess import to_tensor
+from chromobatch.ml.factory import create_model
+from chromobatch.ml.preprocess import to_tensor
+from chromobatch.training.losses import LossConfig, total_loss
+from chromobatch.training.records import AugmentConfig, PairSampler, augment
 
 
 def cpu_name() -> str:

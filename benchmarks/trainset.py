@@ -26,9 +26,10 @@ sys.path.insert(0, str(REPO))
 
 from common import cpu_name  # noqa: E402
 
-from chromobatch import CLASSES, db  # noqa: E402
-from chromobatch.imaging import encode_png  # noqa: E402
-from chromobatch.retrain import build_training_set  # noqa: E402
+from chromobatch import CLASSES  # noqa: E402
+from chromobatch.intake.imaging import encode_png  # noqa: E402
+from chromobatch.registry.retrain import build_training_set  # noqa: E402
+from chromobatch.store import db  # noqa: E402
 
 TARGET_S = 30.0
 

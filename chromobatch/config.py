@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from chromobatch.errors import ConfigError
 
 ENV_PREFIX = "CHROMOBATCH_"
 READINESS_MODES = ("either", "quiet", "ready")

@@ -7,7 +7,7 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from chromobatch.db import Base, make_engine, resolve_url
+from chromobatch.store.db import Base, make_engine, resolve_url
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("connection") is None:

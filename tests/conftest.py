@@ -55,9 +55,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised tiny model folder: enough to run the pipeline end to end, not to classify."""
     import torch
 
-    from chromobatch.model import create_model
-    from chromobatch.modelio import save_model
-    from chromobatch.preprocess import PreprocessSpec
+    from chromobatch.ml.factory import create_model
+    from chromobatch.ml.folders import save_model
+    from chromobatch.ml.preprocess import PreprocessSpec
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("models") / "tiny"

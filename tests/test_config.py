@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from chromobatch.cli import app
+from chromobatch.cli.main import app
 from chromobatch.config import load_settings
 from chromobatch.errors import ConfigError
 

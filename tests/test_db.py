@@ -10,8 +10,8 @@ from alembic import command
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from chromobatch import db
 from chromobatch.errors import DatabaseError
+from chromobatch.store import db
 
 TABLES = ["alembic_version", "cases", "cells", "chromosomes", "jobs", "labels", "model_versions",
           "predictions", "rejected_files"]
@@ -112,7 +112,7 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
             "chromobatch/migrations/versions/0001_initial_schema.py"} <= names
     extracted = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(extracted)
-    code = ("import chromobatch.db as d, sys; x = d.connect(sys.argv[1]); "
+    code = ("import chromobatch.store.db as d, sys; x = d.connect(sys.argv[1]); "
             "assert d.MIGRATIONS_DIR.parent.parent.name == 'site'; print(len(d.table_names(x)))")
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "w.sqlite")], cwd=tmp_path,
                          env={"PYTHONPATH": str(extracted), "PATH": "/usr/bin:/bin"},

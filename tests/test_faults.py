@@ -25,10 +25,10 @@ from sqlalchemy.exc import OperationalError
 from test_watch import job_rows, make_case, settings_for, wait_for
 from typer.testing import CliRunner
 
-from chromobatch import db, jobs
-from chromobatch.cli import app
+from chromobatch.cli.main import app
 from chromobatch.faults import transient_reason
-from chromobatch.watch import ERROR_FILE, ReadyTracker, Scanner, Worker, resolve_paths
+from chromobatch.service.watch import ERROR_FILE, ReadyTracker, Scanner, Worker, resolve_paths
+from chromobatch.store import db, jobs
 
 
 def truncated_png(path: Path, arr: object) -> bytes:
@@ -102,7 +102,7 @@ def test_stray_file_and_empty_folder_are_told(sqlite_path: Path, layout: SimpleN
     scanner = Scanner(database, settings, resolve_paths(layout.incoming, settings))
     write_png(layout.incoming / "loose.png", chromosome_array(30, 8))
     (layout.incoming / "EMPTY1").mkdir()
-    caplog.set_level(logging.INFO, logger="chromobatch.watch")
+    caplog.set_level(logging.INFO, logger="chromobatch.service.watch")
     for _ in range(4):
         scanner.scan()
         time.sleep(0.25)
@@ -263,7 +263,8 @@ def test_delivery_still_changing_is_not_moved_and_a_file_that_arrives_whole_is_t
     scanner = Scanner(database, settings, paths)
     calls: list[int] = []
 
-    from chromobatch.pipeline import load_predictor, process_case
+    from chromobatch.registry.register import load_predictor
+    from chromobatch.service.pipeline import process_case
 
     def copy_goes_on(database: db.Database, case_dir: Path, **kw: object) -> object:
         result = process_case(database, case_dir, **kw)  # type: ignore[arg-type]

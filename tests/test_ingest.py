@@ -12,11 +12,12 @@ from helpers import SHARED_DATA, chromosome_array, write_dicom, write_png
 from PIL import Image
 from typer.testing import CliRunner
 
-from chromobatch import db
-from chromobatch.cli import app
+from chromobatch import validate_case_id
+from chromobatch.cli.main import app
 from chromobatch.errors import EmptyCase, InvalidCaseId
-from chromobatch.imaging import decode_png
-from chromobatch.ingest import ingest_case, scan_case, validate_case_id
+from chromobatch.intake.imaging import decode_png
+from chromobatch.intake.ingest import ingest_case, scan_case
+from chromobatch.store import db
 
 
 def _counts(database: db.Database) -> dict[str, int]:
@@ -345,7 +346,7 @@ def test_nasty_files_are_rejected_not_fatal(sqlite_path: Path, tmp_path: Path) -
     assert [a.file for a in scanned.accepted] == ["c1/ok.png"]
     assert any("3 fields" in p for p in scanned.label_problems) and scanned.labels == {}
     database = db.connect(sqlite_path)
-    from chromobatch.ingest import store_scanned
+    from chromobatch.intake.ingest import store_scanned
 
     assert store_scanned(database, scanned).added == 1  # the rest of the case is stored
     database.dispose()

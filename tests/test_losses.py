@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chromobatch.losses import LossConfig, focal_loss, scl_loss, total_loss
-from chromobatch.model import MAX_TEMPERATURE, create_model
+from chromobatch.ml.factory import MAX_TEMPERATURE, create_model
+from chromobatch.training.losses import LossConfig, focal_loss, scl_loss, total_loss
 
 
 def naive_focal(logits: np.ndarray, targets: np.ndarray, gamma: float) -> float:

@@ -12,10 +12,10 @@ import torch
 
 from chromobatch import CLASSES
 from chromobatch.errors import ModelError
-from chromobatch.evaluate import class_activation_maps, compute_metrics
-from chromobatch.model import create_model
-from chromobatch.modelio import load_model, save_model
-from chromobatch.preprocess import PreprocessSpec, choose_scale, preprocess, render
+from chromobatch.ml.factory import create_model
+from chromobatch.ml.folders import load_model, save_model
+from chromobatch.ml.preprocess import PreprocessSpec, choose_scale, preprocess, render
+from chromobatch.training.evaluate import class_activation_maps, compute_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,13 +7,15 @@ import pytest
 from helpers import chromosome_array, write_png
 from typer.testing import CliRunner
 
-from chromobatch import CLASSES, db
-from chromobatch.assign import assign_cell
-from chromobatch.cli import app
+from chromobatch import CLASSES
+from chromobatch.cli.main import app
 from chromobatch.config import load_settings
 from chromobatch.errors import EmptyCase
-from chromobatch.karyotype import cell_karyotype, summarise
-from chromobatch.pipeline import load_predictor, process_case
+from chromobatch.karyotype.assign import assign_cell
+from chromobatch.karyotype.iscn import cell_karyotype, summarise
+from chromobatch.registry.register import load_predictor
+from chromobatch.service.pipeline import process_case
+from chromobatch.store import db
 
 NORMAL = [c for c in CLASSES[:22] for _ in range(2)]
 

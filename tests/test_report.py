@@ -15,12 +15,12 @@ from PIL import Image
 from pypdf import PdfReader
 from typer.testing import CliRunner
 
-from chromobatch import CLASSES, __version__, db
-from chromobatch.cli import app
+from chromobatch import CLASSES, __version__
+from chromobatch.cli.main import app
 from chromobatch.errors import CaseNotFound
 from chromobatch.files import current_umask
-from chromobatch.imaging import encode_png, normalise
-from chromobatch.report import (
+from chromobatch.intake.imaging import encode_png, normalise
+from chromobatch.report.render import (
     ENCAPSULATED_PDF_STORAGE,
     KARYOGRAM_SIZE,
     REVIEW_STATEMENT,
@@ -30,6 +30,7 @@ from chromobatch.report import (
     render_case_report,
     upright,
 )
+from chromobatch.store import db
 
 TRISOMY21 = sorted([c for c in CLASSES[:22] for _ in range(2)] + ["21", "X", "Y"], key=CLASSES.index)
 NORMAL_XX = sorted([c for c in CLASSES[:22] for _ in range(2)] + ["X", "X"], key=CLASSES.index)
@@ -44,7 +45,7 @@ def _cell_crops(labels: tuple[str, ...], seed: int) -> tuple[np.ndarray, ...]:
     """Synthetic crops from the ideogram (random angles, so rotation is exercised); cached across tests."""
     rng = np.random.default_rng(seed)
     try:
-        from chromobatch.synth import render_chromosome
+        from chromobatch.synth.generate import render_chromosome
     except ImportError:  # fall back to plain banded rods of ISCN-like lengths, tilted
         rods = []
         for k, lab in enumerate(labels):
@@ -289,7 +290,7 @@ def test_rendering_streams_one_karyogram_at_a_time(database: db.Database, tmp_pa
     import gc
     import weakref
 
-    from chromobatch import report
+    from chromobatch.report import render as report
 
     ids = _add_case(database, cells=[TRISOMY21, NORMAL_XX, TRISOMY21], dicom=False)
     view = load_case_view(database, "CASE123")
@@ -369,7 +370,8 @@ def test_truncated_crop_is_reported_not_silently_a_monosomy(simple_case: Path, t
     """A real case with one truncated PNG: ingest rejects it, the report lists it with its reason and marks
     its cell as incomplete input (summary table and karyogram caption)."""
     from chromobatch.config import load_settings
-    from chromobatch.pipeline import load_predictor, process_case
+    from chromobatch.registry.register import load_predictor
+    from chromobatch.service.pipeline import process_case
 
     bad = simple_case / "cell01" / "c04.png"
     write_png(bad, chromosome_array(44, 10, seed=7))

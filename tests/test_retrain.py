@@ -18,16 +18,15 @@ import torch
 from helpers import chromosome_array
 from typer.testing import CliRunner
 
-from chromobatch import CLASSES, db
-from chromobatch.cli import app
+from chromobatch import CLASSES
+from chromobatch.cli.main import app
 from chromobatch.config import load_settings
-from chromobatch.imaging import encode_png
-from chromobatch.infer import load_predictor, register_model
-from chromobatch.model import create_model
-from chromobatch.modelio import load_model, save_model
-from chromobatch.pipeline import process_case
-from chromobatch.preprocess import PreprocessSpec
-from chromobatch.retrain import (
+from chromobatch.intake.imaging import encode_png
+from chromobatch.ml.factory import create_model
+from chromobatch.ml.folders import load_model, save_model
+from chromobatch.ml.preprocess import PreprocessSpec
+from chromobatch.registry.register import load_predictor, register_model
+from chromobatch.registry.retrain import (
     LOCKED_EXIT_CODE,
     RetrainOptions,
     TrainingLock,
@@ -42,7 +41,9 @@ from chromobatch.retrain import (
     retrain,
     rollback,
 )
-from chromobatch.train import TrainConfig
+from chromobatch.service.pipeline import process_case
+from chromobatch.store import db
+from chromobatch.training.loop import TrainConfig
 
 TINY_TRAIN = ["--backbone", "test_resnet", "--input-size", "32", "--embed-dim", "32", "--steps", "4",
               "--val-every", "2", "--device", "cpu", "--no-progress"]
@@ -240,7 +241,7 @@ def test_postgres_advisory_lock_across_hosts(pg_url: str, tmp_path: Path) -> Non
 @pytest.fixture
 def fake_training(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     """train() writes a fresh random tiny model; _evaluate returns the accuracies set in the returned dict."""
-    from chromobatch import retrain as retrain_mod
+    from chromobatch.registry import retrain as retrain_mod
 
     scores: dict[str, float] = {"candidate": 0.5, "active": 0.5}
     seeds = iter(range(100, 200))
@@ -259,7 +260,7 @@ def fake_training(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
         which = "candidate" if "registry" in str(folder) else "active"
         return {"n": len(records), "accuracy": scores[which]}
 
-    monkeypatch.setattr("chromobatch.train.train", fake_train)
+    monkeypatch.setattr("chromobatch.training.loop.train", fake_train)
     monkeypatch.setattr(retrain_mod, "_evaluate", fake_eval)
     return scores
 
@@ -367,7 +368,7 @@ def watcher_proc() -> Iterator[list[subprocess.Popen[bytes]]]:
 def test_end_to_end_review_retrain_promote_watcher_switches(
         sqlite_path: Path, tmp_path: Path, tiny_model_dir: Path,
         watcher_proc: list[subprocess.Popen[bytes]]) -> None:
-    from chromobatch.synth import generate_case
+    from chromobatch.synth.generate import generate_case
 
     cases = tmp_path / "cases"
     for i, kt in enumerate(["46,XY", "46,XY", "46,XX", "46,XY"]):

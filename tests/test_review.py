@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from chromobatch import db
-from chromobatch.cli import app
+from chromobatch.cli.main import app
 from chromobatch.config import load_settings
 from chromobatch.errors import CaseNotFound, ChromobatchError
-from chromobatch.ingest import ingest_case
-from chromobatch.pipeline import load_predictor, process_case
-from chromobatch.review import (
+from chromobatch.intake.ingest import ingest_case
+from chromobatch.registry.register import load_predictor
+from chromobatch.review.labels import (
     CellNotFound,
     ChromosomeNotFound,
     CorrectionsFileError,
@@ -27,6 +26,8 @@ from chromobatch.review import (
     import_corrections,
     set_label,
 )
+from chromobatch.service.pipeline import process_case
+from chromobatch.store import db
 
 
 def _labels(database: db.Database) -> list[db.Label]:
@@ -166,7 +167,7 @@ def test_postgres_concurrent_reviewers_chain_not_fork(pg_url: str, simple_case: 
     """Two reviewers changing one chromosome at once: the rows form one chain (the case row is locked)."""
     import time
 
-    from chromobatch import review
+    from chromobatch.review import labels as review
 
     newest = review._newest_labels
 

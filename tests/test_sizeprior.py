@@ -11,25 +11,18 @@ import numpy as np
 import pytest
 from helpers import chromosome_array, write_png
 
-from chromobatch import CLASSES, NUM_CLASSES, db
+from chromobatch import CLASSES, NUM_CLASSES
 from chromobatch.config import load_settings
-from chromobatch.data import Record
 from chromobatch.errors import ModelError
-from chromobatch.evaluate import evaluate
-from chromobatch.imaging import decode_png
-from chromobatch.modelio import attach_size_prior, load_model
-from chromobatch.pipeline import load_predictor, process_case
-from chromobatch.sizeprior import (
-    SizePrior,
-    calibrate,
-    cell_median_inks,
-    fit,
-    ink,
-    record_relative_inks,
-    relative,
-    relative_inks,
-    tune_weight,
-)
+from chromobatch.intake.imaging import decode_png
+from chromobatch.ml.folders import attach_size_prior, load_model
+from chromobatch.ml.sizeprior import SizePrior, cell_median_inks, ink, relative, relative_inks
+from chromobatch.registry.register import load_predictor
+from chromobatch.service.pipeline import process_case
+from chromobatch.store import db
+from chromobatch.training.calibrate import calibrate, fit, record_relative_inks, tune_weight
+from chromobatch.training.evaluate import evaluate
+from chromobatch.training.records import Record
 
 
 def _bar(length: int, darkness: int = 100, width: int = 8) -> np.ndarray:

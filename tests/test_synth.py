@@ -13,9 +13,10 @@ import pydicom
 import pytest
 from scipy.stats import spearmanr
 
-from chromobatch import CLASSES, synth
+from chromobatch import CLASSES
 from chromobatch.errors import ConfigError, InputError, InvalidCaseId
-from chromobatch.imaging import decode_png, detect_polarity, normalise
+from chromobatch.intake.imaging import decode_png, detect_polarity, normalise
+from chromobatch.synth import generate as synth
 
 
 def read_labels(case: Path) -> list[tuple[str, str]]:
@@ -271,7 +272,7 @@ def test_generate_dataset(tmp_path: Path) -> None:
 def test_cli_synth_10x3_under_30s(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from chromobatch.cli import app
+    from chromobatch.cli.main import app
 
     start = time.perf_counter()
     result = CliRunner().invoke(app, ["synth", str(tmp_path / "out"), "--cases", "10", "--cells", "3"])
@@ -291,7 +292,7 @@ def test_same_bytes_across_processes(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from pathlib import Path; from chromobatch import synth; "
+    code = ("import sys; from pathlib import Path; from chromobatch.synth import generate as synth; "
             "synth.generate_case(Path(sys.argv[1]), 'P1', cells=1, fmt='png', karyotype='45,X', seed=4); "
             "synth.generate_case(Path(sys.argv[1]), 'D1', cells=1, fmt='dicom', karyotype='45,X', seed=4)")
     for sub, hash_seed in (("a", "1"), ("b", "2")):

@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from chromobatch import CLASSES
-from chromobatch.cli import app
-from chromobatch.data import (
+from chromobatch.cli.main import app
+from chromobatch.errors import ConfigError, DataError
+from chromobatch.training.loop import TrainConfig, lr_factor, train
+from chromobatch.training.records import (
     AugmentConfig,
     PairSampler,
     augment,
@@ -28,8 +30,6 @@ from chromobatch.data import (
     records_from_arrays,
     split_records,
 )
-from chromobatch.errors import ConfigError, DataError
-from chromobatch.train import TrainConfig, lr_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -273,7 +273,7 @@ def test_init_from_rejects_a_different_architecture(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def synth_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic dataset from chromobatch.synth (the project's generator)."""
-    from chromobatch.synth import generate_dataset
+    from chromobatch.synth.generate import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("synth") / "data", cells=10, seed=3)
 

@@ -22,11 +22,20 @@ from helpers import Watcher, chromosome_array, write_png
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from chromobatch import db, jobs
-from chromobatch.cli import app
+from chromobatch.cli.main import app
 from chromobatch.config import load_settings
 from chromobatch.errors import EmptyCase, InvalidCaseId
-from chromobatch.watch import ERROR_FILE, ReadyTracker, Scanner, StopFlag, Worker, move_case, resolve_paths, watch
+from chromobatch.service.watch import (
+    ERROR_FILE,
+    ReadyTracker,
+    Scanner,
+    StopFlag,
+    Worker,
+    move_case,
+    resolve_paths,
+    watch,
+)
+from chromobatch.store import db, jobs
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -385,7 +394,7 @@ def test_watch_batch_of_50_cases(sqlite_path: Path, layout: SimpleNamespace, wat
         assert [r.source_file for r in mixed_row.rejected] == ["cell1/broken.png"]
     log_text = watchers[0].text()
     assert "Traceback" not in log_text
-    assert log_text.count("chromobatch.watch: case ") >= 50  # a queued line and an outcome line per case
+    assert log_text.count("chromobatch.service.watch: case ") >= 50  # a queued line and an outcome line per case
     database.dispose()
 
 

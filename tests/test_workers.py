@@ -18,8 +18,8 @@ import pytest
 from helpers import Watcher, child_pids
 from test_watch import check_each_case_once, make_case, wait_for
 
-from chromobatch import db, jobs
-from chromobatch.watch import CHILD_MIN_LIFETIME_S
+from chromobatch.service.watch import CHILD_MIN_LIFETIME_S
+from chromobatch.store import db, jobs
 
 
 class Supervisor(Watcher):

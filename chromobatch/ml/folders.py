@@ -1,0 +1,240 @@
+"""Model folders: model.safetensors (weights, no pickle) + model.json (everything needed to rebuild and trust it).
+
+model.json holds the backbone, embedding size, preprocessing spec, class names, temperature, training
+config, data fingerprint, metrics and the chromobatch version. `load_model` rebuilds the network from it,
+checks every tensor's name and shape, and names the file in every error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import chromobatch
+from chromobatch import CLASSES, NUM_CLASSES
+from chromobatch.errors import ModelError
+from chromobatch.files import atomic_write
+from chromobatch.ml.factory import ChromosomeNet, create_model
+from chromobatch.ml.preprocess import PreprocessSpec, render, to_tensor
+from chromobatch.ml.sizeprior import SizePrior
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+META = "model.json"
+FORMAT = "chromobatch-model"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model(net: ChromosomeNet, meta: dict[str, Any], folder: str | Path, *, half: bool = False) -> Path:
+    """Write `folder`/model.safetensors + model.json. `half` stores float weights as fp16 (loaded back as fp32).
+
+    meta must hold at least backbone, embed_dim and preprocess (a PreprocessSpec dict); classes, temperature,
+    software version and format are filled in here.
+    """
+    for key in ("backbone", "embed_dim", "preprocess"):
+        if key not in meta:
+            raise ModelError(f"save_model: meta lacks {key!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    net = getattr(net, "module", net)  # unwrap DistributedDataParallel
+    state = {}
+    for k, v in net.state_dict().items():
+        t = v.detach().to("cpu").contiguous()
+        if half and t.is_floating_point() and k != "logit_scale":
+            t = t.half()
+        state[k] = t
+    full = dict(meta)
+    full.update(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "chromobatch_version": chromobatch.__version__,
+            "classes": list(CLASSES),
+            "num_classes": NUM_CLASSES,
+            "in_chans": 1,
+            "input_size": int(meta["preprocess"]["input_size"]),
+            "temperature": float(net.temperature().detach()),
+            "weights_dtype": "float16" if half else "float32",
+        }
+    )
+    atomic_write(folder / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    atomic_write(folder / META, lambda p: p.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n"))
+    return folder
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """model.json of a model folder, checked enough to rebuild the network."""
+    path = Path(folder) / META
+    if not path.is_file():
+        raise ModelError(f"{path}: missing (a model folder holds {WEIGHTS} + {META})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a chromobatch model description (format != {FORMAT!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelError(f"{path}: format version {meta['format_version']} is newer than this chromobatch")
+    for key in ("backbone", "embed_dim", "preprocess", "classes"):
+        if key not in meta:
+            raise ModelError(f"{path}: lacks {key!r}")
+    if list(meta["classes"]) != list(CLASSES):
+        raise ModelError(f"{path}: classes {meta['classes']} differ from chromobatch's {list(CLASSES)}")
+    return meta
+
+
+def model_identity(weights_sha256: str, size_prior: SizePrior | None) -> str:
+    """What the database registers a model by: the weights' sha256, combined with the size prior when there
+    is one (the same weights with another prior classify differently, so they are another model version)."""
+    if size_prior is None:
+        return weights_sha256
+    canon = json.dumps(size_prior.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{weights_sha256}\0{canon}".encode()).hexdigest()
+
+
+def attach_size_prior(folder: str | Path, prior: SizePrior | None, info: dict[str, Any]) -> None:
+    """Write (or, with None, remove) a model folder's size prior; `info` (how it was tuned) goes to metrics."""
+    path = Path(folder) / META
+    meta = read_meta(folder)
+    if prior is None:
+        meta.pop("size_prior", None)
+    else:
+        meta["size_prior"] = prior.to_dict()
+    meta.setdefault("metrics", {})["size_prior"] = info
+    atomic_write(path, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference: eval-mode `.net`, its `.meta`, `.spec`, optional `.size_prior` and its
+    `.sha256` (`model_identity`: the weights' checksum, or weights + size prior)."""
+
+    net: ChromosomeNet
+    meta: dict[str, Any]
+    spec: PreprocessSpec
+    sha256: str
+    folder: Path
+    device: torch.device
+    size_prior: SizePrior | None = None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return CLASSES
+
+    def batch_tensor(self, crops: Sequence[np.ndarray], cell_median_lengths: Sequence[float | None]) -> torch.Tensor:
+        canv = np.stack([render(c, self.spec, m) for c, m in zip(crops, cell_median_lengths, strict=True)])
+        return to_tensor(canv).unsqueeze(1)
+
+    @torch.inference_mode()
+    def predict_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, S, S) float batch (from `preprocess`) -> (softmax probs [B, 24], embeddings [B, D]) in fp32."""
+        x = x.to(self.device, non_blocking=True)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        with ctx:
+            emb, logits = self.net(x)
+        return torch.softmax(logits.float(), dim=-1), emb.float()
+
+    def predict(
+        self,
+        crops: Sequence[np.ndarray],
+        cell_median_lengths: Sequence[float | None] | None = None,
+        batch_size: int = 64,
+        rel_inks: Sequence[float] | np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised crops -> (probs [N, 24], embeddings [N, D]) as numpy float32.
+
+        rel_inks: per crop, its log ink relative to its cell (`sizeprior.relative_inks`, NaN = unknown); with a
+        size prior in the model they turn the image probabilities into image + size probabilities.
+        """
+        n = len(crops)
+        meds: Sequence[float | None] = cell_median_lengths if cell_median_lengths is not None else [None] * n
+        if len(meds) != n:
+            raise ValueError(f"{len(meds)} cell median lengths for {n} crops")
+        d = int(self.meta["embed_dim"])
+        if n == 0:
+            return np.zeros((0, NUM_CLASSES), np.float32), np.zeros((0, d), np.float32)
+        probs, embs = [], []
+        for i in range(0, n, batch_size):
+            p, e = self.predict_tensor(self.batch_tensor(crops[i : i + batch_size], meds[i : i + batch_size]))
+            probs.append(p.cpu().numpy())
+            embs.append(e.cpu().numpy())
+        return self.apply_size_prior(np.concatenate(probs), rel_inks), np.concatenate(embs)
+
+    def apply_size_prior(self, probs: np.ndarray, rel_inks: Sequence[float] | np.ndarray | None) -> np.ndarray:
+        """Image probabilities -> with the size evidence (unchanged without a prior or without rel_inks)."""
+        if self.size_prior is None or rel_inks is None:
+            return probs
+        if len(rel_inks) != len(probs):
+            raise ValueError(f"{len(rel_inks)} relative inks for {len(probs)} crops")
+        return self.size_prior.apply(probs, np.asarray(rel_inks, dtype=np.float64))
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild a saved model (fp16-stored weights come back as fp32); ModelError names the faulty file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: model folder not found")
+    meta = read_meta(folder)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    wpath = folder / WEIGHTS
+    if not wpath.is_file():
+        raise ModelError(f"{wpath}: missing (a model folder holds {WEIGHTS} + {META})")
+    try:
+        state = load_file(str(wpath), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{wpath}: corrupt or not a safetensors file: {exc}") from exc
+    net = create_model(
+        meta["backbone"],
+        embed_dim=int(meta["embed_dim"]),
+        num_classes=NUM_CLASSES,
+        in_chans=int(meta.get("in_chans", 1)),
+        input_size=spec.input_size,
+    )
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or extra or wrong:
+        details = "; ".join(
+            part
+            for part in (
+                f"missing {missing[:5]}" if missing else "",
+                f"unexpected {extra[:5]}" if extra else "",
+                f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:5]]}"
+                if wrong
+                else "",
+            )
+            if part
+        )
+        raise ModelError(f"{wpath}: weights do not fit backbone {meta['backbone']!r}: {details}")
+    net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    dev = torch.device(device)
+    net.to(dev).eval()
+    if dev.type == "cuda":
+        net.to(memory_format=torch.channels_last)
+    prior = SizePrior.from_dict(meta["size_prior"]) if meta.get("size_prior") else None
+    return LoadedModel(net=net, meta=meta, spec=spec, sha256=model_identity(sha256_file(wpath), prior),
+                       folder=folder, device=dev, size_prior=prior)
