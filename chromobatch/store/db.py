@@ -33,6 +33,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from chromobatch.errors import DatabaseError
+from chromobatch.store.states import CaseStatus, JobState, ModelStatus
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Case(Base):
     case_id: Mapped[str] = mapped_column(String(128), unique=True)
     source_path: Mapped[str] = mapped_column(Text)
     #: received | ingested | processing | done | failed
-    status: Mapped[str] = mapped_column(String(16), default="received", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=CaseStatus.RECEIVED, index=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
@@ -155,7 +156,7 @@ class ModelVersion(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: candidate | active | retired
-    status: Mapped[str] = mapped_column(String(16), default="candidate", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=ModelStatus.CANDIDATE, index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -163,7 +164,7 @@ class ModelVersion(Base):
 
 def active_model(s: Session, *, exclude_id: int | None = None) -> ModelVersion | None:
     """The model new cases use: the newest row with status 'active' (one query for every caller)."""
-    q = select(ModelVersion).where(ModelVersion.status == "active")
+    q = select(ModelVersion).where(ModelVersion.status == ModelStatus.ACTIVE)
     if exclude_id is not None:
         q = q.where(ModelVersion.id != exclude_id)
     return s.execute(q.order_by(ModelVersion.id.desc()).limit(1)).scalar_one_or_none()
@@ -211,7 +212,7 @@ class Job(Base):
     case_pk: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
     path: Mapped[str] = mapped_column(Text)
     #: queued | running | done | failed
-    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(128))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -374,3 +375,8 @@ def connect(db: str | Path, *, migrate: bool | None = None) -> Database:
 
 def table_names(database: Database) -> list[str]:
     return sorted(inspect(database.engine).get_table_names())
+
+
+def rowcount(result: Any) -> int:
+    """Rows an UPDATE or DELETE matched: Session.execute returns a CursorResult for them (typed as Result)."""
+    return int(result.rowcount)

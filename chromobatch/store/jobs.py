@@ -25,12 +25,13 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from chromobatch import validate_case_id
-from chromobatch.store.db import Case, Database, Job, RejectedFile, active_model, utcnow
+from chromobatch.store.db import Case, Database, Job, RejectedFile, active_model, rowcount, utcnow
 from chromobatch.store.reports import missing_reports
+from chromobatch.store.states import CaseStatus, JobState
 
 log = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("queued", "running")
+ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 #: Longest error text stored on a job or case (tracebacks are logged, not stored).
 MAX_ERROR_CHARS = 2000
 #: Most rejected files `status` lists (the report and `review` list all of a case's).
@@ -99,19 +100,20 @@ def _clip(text: str) -> str:
 
 
 def _insert_case_if_missing(s: Session, case_id: str, path: str) -> None:
-    values: dict[str, Any] = {"case_id": case_id, "source_path": path, "status": "received", "meta": {},
+    values: dict[str, Any] = {"case_id": case_id, "source_path": path, "status": CaseStatus.RECEIVED, "meta": {},
                               "received_at": utcnow()}
     dialect = s.get_bind().dialect.name
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects import postgresql
+
+        s.execute(postgresql.insert(Case).values(**values).on_conflict_do_nothing(index_elements=["case_id"]))
     elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        if s.execute(select(Case.id).where(Case.case_id == case_id)).first() is None:
-            s.add(Case(**values))
-            s.flush()
-        return
-    s.execute(insert(Case).values(**values).on_conflict_do_nothing(index_elements=["case_id"]))
+        from sqlalchemy.dialects import sqlite
+
+        s.execute(sqlite.insert(Case).values(**values).on_conflict_do_nothing(index_elements=["case_id"]))
+    elif s.execute(select(Case.id).where(Case.case_id == case_id)).first() is None:  # pragma: no cover
+        s.add(Case(**values))  # only SQLite and PostgreSQL are supported
+        s.flush()
 
 
 def enqueue(database: Database, case_dir: Path) -> EnqueueResult:
@@ -135,20 +137,20 @@ def enqueue(database: Database, case_dir: Path) -> EnqueueResult:
         if last is not None and last.path == path and started is not None and changed < started:
             # Nothing in the folder changed since that job picked it up: it is that job's folder, left behind.
             return EnqueueResult("leftover", case_id, last.id, last.state, _aware(last.finished_at))
-        job = Job(case_pk=case.id, path=path, state="queued", attempts=0, created_at=utcnow())
+        job = Job(case_pk=case.id, path=path, state=JobState.QUEUED, attempts=0, created_at=utcnow())
         s.add(job)
         case.source_path = path
-        if case.status == "failed":
-            case.status, case.error = "received", None
+        if case.status == CaseStatus.FAILED:
+            case.status, case.error = CaseStatus.RECEIVED, None
         s.flush()
-        return EnqueueResult("queued", case_id, job.id, "queued")
+        return EnqueueResult("queued", case_id, job.id, JobState.QUEUED)
 
 
 def claim(database: Database, worker: str) -> ClaimedJob | None:
     """Take the oldest queued job for `worker`, or None when nothing is queued."""
     for _ in range(20):  # lost races only: another claimer flipped our candidate first
         with database.session() as s:
-            pick = select(Job.id).where(Job.state == "queued").order_by(Job.id).limit(1)
+            pick = select(Job.id).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(1)
             if s.get_bind().dialect.name == "postgresql":
                 pick = pick.with_for_update(skip_locked=True)
             job_id = s.execute(pick).scalar_one_or_none()
@@ -156,11 +158,11 @@ def claim(database: Database, worker: str) -> ClaimedJob | None:
                 return None
             now = utcnow()
             flipped = s.execute(
-                update(Job).where(Job.id == job_id, Job.state == "queued")
-                .values(state="running", worker=worker[:128], attempts=Job.attempts + 1, started_at=now,
+                update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
+                .values(state=JobState.RUNNING, worker=worker[:128], attempts=Job.attempts + 1, started_at=now,
                         heartbeat_at=now, finished_at=None)
                 .execution_options(synchronize_session=False))
-            if flipped.rowcount != 1:
+            if rowcount(flipped) != 1:
                 continue
             row = s.execute(select(Job, Case.case_id).join(Case, Case.id == Job.case_pk)
                             .where(Job.id == job_id)).one()
@@ -177,10 +179,10 @@ def heartbeat(database: Database, job_id: int, worker: str) -> bool:
     is rendered) still counts as ours.
     """
     with database.session() as s:
-        res = s.execute(update(Job).where(Job.id == job_id, Job.state.in_(("running", "done")),
+        res = s.execute(update(Job).where(Job.id == job_id, Job.state.in_((JobState.RUNNING, JobState.DONE)),
                                           Job.worker == worker[:128])
                         .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False))
-        return res.rowcount == 1
+        return rowcount(res) == 1
 
 
 def reclaim_stale(database: Database, *, stale_after: float, max_attempts: int) -> list[ReclaimedJob]:
@@ -189,7 +191,7 @@ def reclaim_stale(database: Database, *, stale_after: float, max_attempts: int) 
     out: list[ReclaimedJob] = []
     with database.session() as s:
         pick = (select(Job, Case).join(Case, Case.id == Job.case_pk)
-                .where(Job.state == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))
+                .where(Job.state == JobState.RUNNING, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))
                 .order_by(Job.id))
         if s.get_bind().dialect.name == "postgresql":
             pick = pick.with_for_update(of=Job, skip_locked=True)
@@ -197,11 +199,11 @@ def reclaim_stale(database: Database, *, stale_after: float, max_attempts: int) 
             error = (f"worker {job.worker} stopped responding (no heartbeat for more than {stale_after:g}s) "
                      f"during attempt {job.attempts}")
             if job.attempts >= max_attempts:
-                job.state, job.finished_at = "failed", utcnow()
+                job.state, job.finished_at = JobState.FAILED, utcnow()
                 job.error = _clip(f"{error}; giving up after {job.attempts} attempts")
-                case.status, case.error = "failed", job.error
+                case.status, case.error = CaseStatus.FAILED, job.error
             else:
-                job.state, job.error = "queued", _clip(error)
+                job.state, job.error = JobState.QUEUED, _clip(error)
             out.append(ReclaimedJob(job.id, case.case_id, job.path, job.state, job.worker))
             job.worker, job.heartbeat_at = None, None
     return out
@@ -211,9 +213,10 @@ def finish_done(database: Database, job_id: int, worker: str) -> None:
     """Mark our job done (the pipeline normally did so in its own transaction; this is the safety net)."""
     now = utcnow()
     with database.session() as s:
-        s.execute(update(Job).where(Job.id == job_id, Job.state == "running", Job.worker == worker[:128])
-                  .values(state="done", finished_at=now, error=None).execution_options(synchronize_session=False))
-        s.execute(update(Job).where(Job.id == job_id, Job.state == "done", Job.finished_at.is_(None))
+        s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker == worker[:128])
+                  .values(state=JobState.DONE, finished_at=now, error=None)
+                  .execution_options(synchronize_session=False))
+        s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.DONE, Job.finished_at.is_(None))
                   .values(finished_at=now).execution_options(synchronize_session=False))
 
 
@@ -227,28 +230,28 @@ def record_failure(database: Database, job_id: int, worker: str, error: str, *, 
         job = s.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
         if job is None:
             return "gone"
-        if job.state != "running" or job.worker != worker[:128]:
+        if job.state != JobState.RUNNING or job.worker != worker[:128]:
             return job.state
         job.error = _clip(error)
         if permanent or job.attempts >= max_attempts:
-            job.state, job.finished_at = "failed", utcnow()
+            job.state, job.finished_at = JobState.FAILED, utcnow()
             case = s.get(Case, job.case_pk)
             if case is not None:
-                case.status, case.error = "failed", job.error
+                case.status, case.error = CaseStatus.FAILED, job.error
         else:
-            job.state, job.worker, job.heartbeat_at = "queued", None, None
+            job.state, job.worker, job.heartbeat_at = JobState.QUEUED, None, None
         return job.state
 
 
 def release(database: Database, job_id: int, worker: str, error: str) -> bool:
     """Give a running job back to the queue without spending its attempt (a transient fault, a stop)."""
     with database.session() as s:
-        res = s.execute(update(Job).where(Job.id == job_id, Job.state == "running", Job.worker == worker[:128])
-                        .values(state="queued", worker=None, heartbeat_at=None, error=_clip(error),
+        res = s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker == worker[:128])
+                        .values(state=JobState.QUEUED, worker=None, heartbeat_at=None, error=_clip(error),
                                 attempts=func.max(Job.attempts - 1, 0) if s.get_bind().dialect.name == "sqlite"
                                 else func.greatest(Job.attempts - 1, 0))
                         .execution_options(synchronize_session=False))
-        return res.rowcount == 1
+        return rowcount(res) == 1
 
 
 def set_case_location(database: Database, case_id: str, path: Path) -> None:
@@ -264,6 +267,11 @@ def outstanding(database: Database) -> int:
         return int(s.execute(select(func.count()).select_from(Job).where(Job.state.in_(ACTIVE_STATES))).scalar_one())
 
 
+def _age_s(now: datetime, then: datetime | None) -> float | None:
+    then = _aware(then)
+    return None if then is None else round((now - then).total_seconds(), 1)
+
+
 def _iso(value: datetime | None) -> str | None:
     value = _aware(value)
     return value.isoformat(timespec="seconds") if value is not None else None
@@ -273,20 +281,20 @@ def queue_status(database: Database, *, recent: int = 10, failed: int = 10) -> d
     """Queue depth, running and failed jobs, recent cases and the active model, for `chromobatch status`."""
     now = utcnow()
     with database.session() as s:
-        counts = {state: 0 for state in ("queued", "running", "done", "failed")}
+        counts = {str(state): 0 for state in JobState}
         for state, n in s.execute(select(Job.state, func.count()).group_by(Job.state)):
             counts[state] = int(n)
         running = [
             {"job": j.id, "case_id": cid, "worker": j.worker, "attempts": j.attempts,
              "started_at": _iso(j.started_at),
-             "heartbeat_age_s": round((now - _aware(j.heartbeat_at)).total_seconds(), 1) if j.heartbeat_at else None}
+             "heartbeat_age_s": _age_s(now, j.heartbeat_at)}
             for j, cid in s.execute(select(Job, Case.case_id).join(Case, Case.id == Job.case_pk)
-                                    .where(Job.state == "running").order_by(Job.id))]
+                                    .where(Job.state == JobState.RUNNING).order_by(Job.id))]
         failed_jobs = [
             {"job": j.id, "case_id": cid, "attempts": j.attempts, "finished_at": _iso(j.finished_at),
              "error": j.error}
             for j, cid in s.execute(select(Job, Case.case_id).join(Case, Case.id == Job.case_pk)
-                                    .where(Job.state == "failed").order_by(Job.id.desc()).limit(failed))]
+                                    .where(Job.state == JobState.FAILED).order_by(Job.id.desc()).limit(failed))]
         cases = [
             {"case_id": c.case_id, "status": c.status, "karyotype": c.karyotype,
              "processed_at": _iso(c.processed_at), "error": c.error}

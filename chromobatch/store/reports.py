@@ -21,7 +21,8 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, and_, exists, or_, select, update
 
 from chromobatch.faults import backoff
-from chromobatch.store.db import Case, Database, Job, utcnow
+from chromobatch.store.db import Case, Database, Job, rowcount, utcnow
+from chromobatch.store.states import CaseStatus, JobState
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,14 @@ def retry_delay(attempts: int) -> float:
 
 
 def _due() -> ColumnElement[bool]:
-    return and_(Case.status == "done", Case.processed_at.is_not(None),
+    return and_(Case.status == CaseStatus.DONE, Case.processed_at.is_not(None),
                 or_(Case.report_at.is_(None), Case.report_at < Case.processed_at))
 
 
 def _busy(cutoff: datetime) -> ColumnElement[bool]:
     """A worker is on the case right now (processing it, or rendering right after its commit)."""
-    return exists().where(Job.case_pk == Case.id, Job.state.in_(("running", "done")), Job.worker.is_not(None),
-                          Job.heartbeat_at >= cutoff)
+    return exists().where(Job.case_pk == Case.id, Job.state.in_((JobState.RUNNING, JobState.DONE)),
+                          Job.worker.is_not(None), Job.heartbeat_at >= cutoff)
 
 
 def claim_due_reports(database: Database, *, busy_after: float, limit: int = 5) -> list[str]:
@@ -73,7 +74,7 @@ def claim_due_reports(database: Database, *, busy_after: float, limit: int = 5) 
                 .values(report_attempts=attempts + 1,
                         report_next_at=now + timedelta(seconds=retry_delay(attempts + 1)))
                 .execution_options(synchronize_session=False))
-            if flipped.rowcount == 1:
+            if rowcount(flipped) == 1:
                 claimed.append(case_id)
     return claimed
 
