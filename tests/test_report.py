@@ -20,16 +20,13 @@ from chromobatch.cli.main import app
 from chromobatch.errors import CaseNotFound
 from chromobatch.files import current_umask
 from chromobatch.intake.imaging import encode_png, normalise
-from chromobatch.report.render import (
-    ENCAPSULATED_PDF_STORAGE,
-    KARYOGRAM_SIZE,
-    REVIEW_STATEMENT,
-    abnormal_classes,
-    cell_of_rejected,
-    load_case_view,
-    render_case_report,
-    upright,
-)
+from chromobatch.intake.ingest import cell_of_rejected
+from chromobatch.ml.geometry import upright
+from chromobatch.report.dicom import ENCAPSULATED_PDF_STORAGE
+from chromobatch.report.layout import KARYOGRAM_SIZE, abnormal_classes
+from chromobatch.report.pdf import REVIEW_STATEMENT
+from chromobatch.report.render import render_case_report
+from chromobatch.report.view import load_case_view
 from chromobatch.store import db
 
 TRISOMY21 = sorted([c for c in CLASSES[:22] for _ in range(2)] + ["21", "X", "Y"], key=CLASSES.index)
@@ -291,6 +288,8 @@ def test_rendering_streams_one_karyogram_at_a_time(database: db.Database, tmp_pa
     import weakref
 
     from chromobatch.report import render as report
+    from chromobatch.report.layout import Karyogram
+    from chromobatch.report.view import CellView
 
     ids = _add_case(database, cells=[TRISOMY21, NORMAL_XX, TRISOMY21], dicom=False)
     view = load_case_view(database, "CASE123")
@@ -298,7 +297,7 @@ def test_rendering_streams_one_karyogram_at_a_time(database: db.Database, tmp_pa
     alive: list[weakref.ref] = []
     layout = report.layout_karyogram
 
-    def tracked(cell: report.CellView, **kw: object) -> report.Karyogram:
+    def tracked(cell: CellView, **kw: object) -> Karyogram:
         gc.collect()
         assert not [r for r in alive if r() is not None], "an earlier cell's image or crops are still held"
         assert all(c.crop is not None for c in cell.chromosomes)
