@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from common import cpu_name  # noqa: E402
 
 from chromobatch.config import load_settings  # noqa: E402
-from chromobatch.intake.ingest import scan_case  # noqa: E402
+from chromobatch.intake.scan import scan_case  # noqa: E402
 from chromobatch.ml.folders import load_model  # noqa: E402
 from chromobatch.ml.preprocess import render  # noqa: E402
 from chromobatch.registry.register import DEFAULT_MODEL_DIR, load_predictor  # noqa: E402

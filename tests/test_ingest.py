@@ -16,7 +16,8 @@ from chromobatch import validate_case_id
 from chromobatch.cli.main import app
 from chromobatch.errors import EmptyCase, InvalidCaseId
 from chromobatch.intake.imaging import decode_png
-from chromobatch.intake.ingest import ingest_case, scan_case
+from chromobatch.intake.ingest import ingest_case
+from chromobatch.intake.scan import scan_case
 from chromobatch.store import db
 
 

@@ -20,7 +20,7 @@ from chromobatch.cli.main import app
 from chromobatch.errors import CaseNotFound
 from chromobatch.files import current_umask
 from chromobatch.intake.imaging import encode_png, normalise
-from chromobatch.intake.ingest import cell_of_rejected
+from chromobatch.intake.scan import cell_of_rejected
 from chromobatch.ml.geometry import upright
 from chromobatch.report.dicom import ENCAPSULATED_PDF_STORAGE
 from chromobatch.report.layout import KARYOGRAM_SIZE, abnormal_classes

@@ -19,6 +19,8 @@ POLARITIES: tuple[str, ...] = ("dark_on_light", "bright_on_dark")
 
 #: Largest image we decode (pixels); larger files are rejected as decompression bombs before decoding.
 MAX_PIXELS = 4096 * 4096
+#: File suffixes read as images (a file without a suffix is tried as one too).
+IMAGE_SUFFIXES = frozenset({".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg"})
 #: A chromosome crop is never smaller than this on either side, nor larger than MAX_SIDE.
 MIN_SIDE = 4
 MAX_SIDE = 4096

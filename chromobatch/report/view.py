@@ -20,7 +20,7 @@ import numpy as np
 
 from chromobatch.errors import CaseNotFound, ConfigError
 from chromobatch.intake.imaging import decode_png
-from chromobatch.intake.ingest import cell_of_rejected
+from chromobatch.intake.scan import cell_of_rejected
 from chromobatch.store.db import Case, Cell, Chromosome, Database, Label, ModelVersion, Prediction, RejectedFile
 
 NOT_PROVIDED = "not provided"

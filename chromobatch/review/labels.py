@@ -2,7 +2,7 @@
 
 Labels are never overwritten. Each change adds a Label row (source="reviewed", the reviewer, the time) whose
 `supersedes_id` points at the newest row before it, so the audit trail (`history`) shows who changed what,
-when, and from which value. The newest row of a chromosome is its current label (`ingest.newest_labels`).
+when, and from which value. The newest row of a chromosome is its current label (`store.queries.newest_labels`).
 
 Addressing a chromosome: the cell is its name or its 1-based number in case order (`Cell.index`, as in the
 report; a cell whose name is the given text wins over a number). The chromosome is its 1-based number within
@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 from chromobatch import normalise_label
 from chromobatch.csvio import HeaderError, read_table
 from chromobatch.errors import CaseNotFound, ChromobatchError, InputError
-from chromobatch.intake.ingest import newest_labels
 from chromobatch.store.db import Case, Cell, Chromosome, Database, Label, Prediction, utcnow
+from chromobatch.store.queries import newest_labels
 
 log = logging.getLogger(__name__)
 

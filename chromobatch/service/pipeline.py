@@ -22,7 +22,8 @@ from chromobatch import CLASSES
 from chromobatch.config import Settings
 from chromobatch.errors import JobError
 from chromobatch.intake.imaging import decode_png
-from chromobatch.intake.ingest import ScannedCase, cell_of_rejected, raise_if_empty, scan_case, store_in_session
+from chromobatch.intake.ingest import raise_if_empty, store_in_session
+from chromobatch.intake.scan import ScannedCase, cell_of_rejected, scan_case
 from chromobatch.karyotype.assign import assign_cell
 from chromobatch.karyotype.iscn import cell_karyotype, summarise
 from chromobatch.ml.predict import Predictor
