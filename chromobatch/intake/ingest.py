@@ -19,6 +19,7 @@ from chromobatch.intake.imaging import MAX_PIXELS, encode_png
 from chromobatch.intake.scan import ScannedCase, scan_case
 from chromobatch.store.db import Case, Cell, Chromosome, Database, Label, RejectedFile, utcnow
 from chromobatch.store.queries import newest_labels
+from chromobatch.store.states import CaseStatus, LabelSource
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def content_hash(pairs: list[tuple[str, str]]) -> str:
         h.update(f"{name}\0{sha}\n".encode())
     return h.hexdigest()
 
-def store_scanned(database: Database, scanned: ScannedCase, *, status: str = "ingested") -> IngestResult:
+def store_scanned(database: Database, scanned: ScannedCase, *, status: str = CaseStatus.INGESTED) -> IngestResult:
     """Write a scanned case in one transaction; raises EmptyCase (after recording it) when nothing is usable."""
     with database.session() as s:
         result = store_in_session(s, scanned, status=status)
@@ -56,12 +57,12 @@ def raise_if_empty(result: IngestResult, scanned: ScannedCase) -> None:
         raise EmptyCase(f"case {scanned.case_id} has no valid chromosome image"
                         + (f" (rejected: {reasons})" if reasons else " (the folder is empty)"))
 
-def store_in_session(s: Session, scanned: ScannedCase, *, status: str = "ingested") -> IngestResult:
+def store_in_session(s: Session, scanned: ScannedCase, *, status: str = CaseStatus.INGESTED) -> IngestResult:
     """Store a scanned case inside the caller's transaction (the pipeline adds predictions to it)."""
     case = s.query(Case).filter_by(case_id=scanned.case_id).one_or_none()
     created = case is None
     if case is None:
-        case = Case(case_id=scanned.case_id, source_path=str(scanned.path), status="received",
+        case = Case(case_id=scanned.case_id, source_path=str(scanned.path), status=CaseStatus.RECEIVED,
                     meta={}, received_at=utcnow())
         s.add(case)
         s.flush()
@@ -106,9 +107,9 @@ def store_in_session(s: Session, scanned: ScannedCase, *, status: str = "ingeste
     pairs = list(existing.items()) + [(a.sha256, a.file) for a in scanned.accepted if a.sha256 not in existing]
     case.content_sha256 = content_hash([(f, sha) for sha, f in pairs])
     if not pairs:
-        case.status = "failed"
+        case.status = CaseStatus.FAILED
         case.error = "no valid chromosome image in the case"
-    elif case.status in ("received", "failed", "ingested"):
+    elif case.status in (CaseStatus.RECEIVED, CaseStatus.FAILED, CaseStatus.INGESTED):
         case.status = status
         case.error = None
     s.flush()
@@ -130,9 +131,9 @@ def _import_labels(s: Any, case: Case, scanned: ScannedCase) -> int:
                 scanned.label_problems.append(f"labels.csv: {file} is not a stored chromosome of the case")
             continue
         current = newest.get(chrom.id)
-        if current is not None and (current.label == label or current.source == "reviewed"):
+        if current is not None and (current.label == label or current.source == LabelSource.REVIEWED):
             continue  # a reviewer's decision is never overridden by a re-imported labels.csv
-        s.add(Label(chromosome_id=chrom.id, label=label, source="imported", reviewer=None,
+        s.add(Label(chromosome_id=chrom.id, label=label, source=LabelSource.IMPORTED, reviewer=None,
                     supersedes_id=current.id if current else None))
         imported += 1
     return imported

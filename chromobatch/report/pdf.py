@@ -21,6 +21,7 @@ from xml.sax.saxutils import escape
 from chromobatch import CLASSES, __version__
 from chromobatch.report.layout import KARYOGRAM_SIZE, abnormal_classes, font_path
 from chromobatch.report.view import INCOMPLETE_FLAG, NOT_PROVIDED, CaseView, CellView, incomplete_note
+from chromobatch.store.states import LabelSource
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ class _Report:
         if not self.view.reviewed:
             return "Labels: model suggestion (unreviewed). Red box: low confidence; red class number: abnormal count."
         reviewers = sorted({c.reviewer or "unnamed reviewer" for c in cell.chromosomes
-                            if c.label_source == "reviewed"})
+                            if c.label_source == LabelSource.REVIEWED})
         changes = [f"{c.source_file}: {c.predicted or 'unclassified'} to {c.label}"
                    for c in cell.chromosomes if c.changed_by_review]
         text = "Labels: reviewed" + (f" by {', '.join(reviewers)}" if reviewers else "") + "."

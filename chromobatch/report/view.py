@@ -22,6 +22,7 @@ from chromobatch.errors import CaseNotFound, ConfigError
 from chromobatch.intake.imaging import decode_png
 from chromobatch.intake.scan import cell_of_rejected
 from chromobatch.store.db import Case, Cell, Chromosome, Database, Label, ModelVersion, Prediction, RejectedFile
+from chromobatch.store.states import LabelSource
 
 NOT_PROVIDED = "not provided"
 #: The pipeline's per-cell flag for a cell one of whose files was rejected.
@@ -55,7 +56,7 @@ class ChromosomeView:
 
     @property
     def changed_by_review(self) -> bool:
-        return self.label_source in ("reviewed", "imported") and self.label != self.predicted
+        return self.label_source in (LabelSource.REVIEWED, LabelSource.IMPORTED) and self.label != self.predicted
 
 
 @dataclass
@@ -182,7 +183,7 @@ def load_case_view(database: Database, case_id: str, *, cells: int | None = None
         for lab in (s.query(Label).join(Chromosome, Label.chromosome_id == Chromosome.id)
                     .filter(Chromosome.case_pk == case.id).order_by(Label.id)):
             labels[lab.chromosome_id] = lab  # ascending id: the newest row per chromosome wins
-            if lab.source == "reviewed":
+            if lab.source == LabelSource.REVIEWED:
                 reviewed_rows.append(lab)
         reviewed = bool(reviewed_rows)
 

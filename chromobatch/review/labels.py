@@ -24,6 +24,7 @@ from chromobatch.csvio import HeaderError, read_table
 from chromobatch.errors import CaseNotFound, ChromobatchError, InputError
 from chromobatch.store.db import Case, Cell, Chromosome, Database, Label, Prediction, utcnow
 from chromobatch.store.queries import newest_labels
+from chromobatch.store.states import LabelSource
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +185,9 @@ def _newest_labels(s: Session, case: Case) -> dict[int, Label]:
 
 def _write(s: Session, ref: ChromosomeRef, label: str, reviewer: str, current: Label | None,
            when: datetime) -> LabelChange:
-    unchanged = current is not None and current.source == "reviewed" and current.label == label
+    unchanged = current is not None and current.source == LabelSource.REVIEWED and current.label == label
     if not unchanged:
-        row = Label(chromosome_id=ref.chromosome_id, label=label, source="reviewed", reviewer=reviewer,
+        row = Label(chromosome_id=ref.chromosome_id, label=label, source=LabelSource.REVIEWED, reviewer=reviewer,
                     created_at=when, supersedes_id=current.id if current is not None else None)
         s.add(row)
     return LabelChange(cell=ref.cell, cell_number=ref.cell_number, number=ref.number, source_file=ref.source_file,
@@ -287,7 +288,7 @@ def accept_predictions(database: Database, case_id: str, *, reviewer: str) -> li
         for ref in refs:
             lab = current.get(ref.chromosome_id)
             pred = preds.get(ref.chromosome_id)
-            if pred is None or (lab is not None and lab.source == "reviewed"):
+            if pred is None or (lab is not None and lab.source == LabelSource.REVIEWED):
                 continue
             changes.append(_write(s, ref, pred.assigned_label or pred.label, reviewer, lab, when))
     log.info("case %s: accepted %d predictions as reviewed labels", case_id, len(changes))

@@ -31,6 +31,7 @@ from chromobatch.ml.preprocess import chromosome_length
 from chromobatch.ml.sizeprior import ink, relative_inks
 from chromobatch.service.reports import render_and_record
 from chromobatch.store.db import Case, Cell, Chromosome, Database, Job, ModelVersion, Prediction, RejectedFile, utcnow
+from chromobatch.store.states import CaseStatus, JobState
 
 __all__ = ["ProcessResult", "process_case"]
 
@@ -89,7 +90,7 @@ def _cell_references(s: Session, scanned: ScannedCase, predictor: Predictor) -> 
 
 def _already_done(s: Session, scanned: ScannedCase, predictor: Predictor) -> Case | None:
     case = s.query(Case).filter_by(case_id=scanned.case_id).one_or_none()
-    if case is None or case.status != "done" or case.model_version_id != predictor.version_id:
+    if case is None or case.status != CaseStatus.DONE or case.model_version_id != predictor.version_id:
         return None
     stored = {sha for (sha,) in s.query(Chromosome.sha256).filter(Chromosome.case_pk == case.id)}
     return case if {a.sha256 for a in scanned.accepted} <= stored else None
@@ -100,9 +101,9 @@ def _finish_job(s: Session, job_id: int | None, worker: str | None) -> None:
     if job_id is None:
         return
     job = s.get(Job, job_id, with_for_update=s.bind.dialect.name == "postgresql")
-    if job is None or job.state != "running" or (worker is not None and job.worker != worker):
+    if job is None or job.state != JobState.RUNNING or (worker is not None and job.worker != worker):
         raise JobError(f"job {job_id} was taken over by another worker; this worker's results are discarded")
-    job.state, job.finished_at, job.error = "done", utcnow(), None
+    job.state, job.finished_at, job.error = JobState.DONE, utcnow(), None
 
 
 def process_case(database: Database, case_dir: Path, *, predictor: Predictor, settings: Settings,
@@ -120,7 +121,7 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
     with database.session() as s:
         done = None if force else _already_done(s, scanned, predictor)
         if done is not None:
-            store_in_session(s, scanned, status="done")  # a corrected labels.csv or new rejections still count
+            store_in_session(s, scanned, status=CaseStatus.DONE)  # a corrected labels.csv or new rejections still count
             _finish_job(s, job_id, job_worker)
             _log_label_problems(scanned)
             log.info("case %s: already processed with this model and content; skipped", scanned.case_id)
@@ -133,7 +134,7 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
     by_sha = {a.sha256: p for a, p in zip(scanned.accepted, probs, strict=True)}
     t_predict = time.perf_counter()
     with database.session() as s:
-        ingest = store_in_session(s, scanned, status="processing")
+        ingest = store_in_session(s, scanned, status=CaseStatus.PROCESSING)
         if ingest.added + ingest.already_stored == 0:
             _fail_case(s, ingest.case_pk, "no valid chromosome image in the case")
         else:
@@ -180,7 +181,7 @@ def _files_not_used(s: Session, case_pk: int, cell_names: set[str]) -> tuple[dic
 def _fail_case(s: Session, case_pk: int, error: str) -> None:
     case = s.get(Case, case_pk)
     if case is not None:
-        case.status, case.error = "failed", error
+        case.status, case.error = CaseStatus.FAILED, error
 
 
 def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, settings: Settings,
@@ -244,7 +245,7 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
                         "sha256": predictor.sha256}
     case.summary = summary
     case.karyotype = summary["karyotype"]
-    case.status, case.error, case.processed_at = "done", None, utcnow()
+    case.status, case.error, case.processed_at = CaseStatus.DONE, None, utcnow()
     case.report_attempts, case.report_next_at, case.report_error = 0, None, None  # a new report is due
     case.model_version_id = predictor.version_id
     return ProcessResult(case_id=case.case_id, status="done", n_chromosomes=n_total, n_cells=len(cell_results),
