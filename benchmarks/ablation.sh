@@ -23,7 +23,7 @@ BIO=$DATA/bioimlab/manifest.csv
 # Synthetic G-band training set (chromobatch.synth, upright like karyogram crops) for the synthetic-to-real run.
 SYNTH=$RUNS/synth-data/manifest.csv
 synth_data() {
-  [ -f "$SYNTH" ] || nice -n 10 "$PY" -c "from pathlib import Path; from chromobatch.synth import generate_dataset \
+  [ -f "$SYNTH" ] || nice -n 10 "$PY" -c "from pathlib import Path; from chromobatch.synth.cases import generate_dataset \
 as g; g(Path('$RUNS/synth-data'), cells=300, seed=7, style='G', upright=True)"
 }
 

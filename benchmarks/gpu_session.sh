@@ -35,7 +35,7 @@ say "start; budget ${BUDGET_MIN} min per run, device $DEVICE"
 
 # data: unpack g612 and generate the synthetic set (CPU) while the GPU benchmark runs
 tar xzf .gpu/g612.tgz -C "$W" &
-$PY -c "from pathlib import Path; from chromobatch.synth import generate_dataset
+$PY -c "from pathlib import Path; from chromobatch.synth.cases import generate_dataset
 generate_dataset(Path('$W/synth300'), cells=300, seed=0, style='G', upright=False)" > "$W/logs/synth.log" 2>&1 &
 for px in 96 128; do
   $PY benchmarks/train_step.py --device "$DEVICE" --steps "$BENCH_STEPS" --input-size $px 2>&1 | tee -a "$LOG"

@@ -31,7 +31,7 @@ from chromobatch import CLASSES  # noqa: E402
 from chromobatch.intake.imaging import encode_png, normalise  # noqa: E402
 from chromobatch.report.render import render_case_report  # noqa: E402
 from chromobatch.store import db  # noqa: E402
-from chromobatch.synth.generate import render_cell  # noqa: E402
+from chromobatch.synth.render import render_cell  # noqa: E402
 
 
 def build_case(database: db.Database, cells: int, seed: int = 0) -> None:

@@ -51,6 +51,13 @@ class Settings:
     #: octal string like "0640" (quoted in TOML); folders get x where r is set. Empty: follow the process
     #: umask (UMask=0027 in the systemd units gives 0640). The CLI sets the umask from it once at start.
     file_mode: str = ""
+    #: Who reviews: `label` and `review --accept` record the name in the label audit trail (--reviewer).
+    reviewer: str = ""
+    #: `train --db`: the registry folder its models are written to, as <name>-<timestamp>/ (--models-dir).
+    models_dir: str = "models/registry"
+    #: `train --db`: the lock file that lets one training run at a time (--lock); empty: <sqlite>.train.lock
+    #: next to a SQLite database, else <models_dir>/.train.lock.
+    train_lock: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,6 +100,8 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError("gain_penalty and loss_penalty must be >= 0")
     if s.max_image_pixels < 16:
         raise ConfigError(f"max_image_pixels must be >= 16, got {s.max_image_pixels}")
+    if not s.models_dir.strip():
+        raise ConfigError("models_dir must not be empty (default models/registry)")
     if not 0.0 <= s.low_confidence <= 1.0:
         raise ConfigError(f"low_confidence must be within 0..1, got {s.low_confidence}")
     if s.file_mode:

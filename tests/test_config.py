@@ -64,3 +64,36 @@ def test_config_error_is_one_red_line(tmp_path: Path, monkeypatch: pytest.Monkey
     assert result.exit_code == 1
     assert "error: CHROMOBATCH_WORKERS: workers must be int" in result.output
     assert "Traceback" not in result.output
+
+
+def test_config_show_lists_the_settings_of_flags_with_env_vars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """--reviewer, --models-dir and --lock are settings: config show lists them, CHROMOBATCH_* and the file set them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chromobatch.toml").write_text('models_dir = "/srv/registry"\n')
+    monkeypatch.setenv("CHROMOBATCH_REVIEWER", "dr.k")
+    runner = CliRunner()
+    values = json.loads(runner.invoke(app, ["config", "show", "--json"]).output)
+    assert (values["reviewer"], values["models_dir"], values["train_lock"]) == ("dr.k", "/srv/registry", "")
+    lines = runner.invoke(app, ["config", "show"]).output.splitlines()
+    assert {line.split()[0] for line in lines} >= {"reviewer", "models_dir", "train_lock"}
+    assert "reviewer             dr.k" in lines
+    monkeypatch.setenv("CHROMOBATCH_MODELS_DIR", " ")
+    result = runner.invoke(app, ["config", "show"])
+    assert result.exit_code == 1 and "models_dir must not be empty" in result.output
+
+
+def test_reviewer_from_env_is_recorded_and_the_flag_wins(sqlite_path: Path, simple_case: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(simple_case.parent)
+    runner = CliRunner()
+    dbarg = ["--db", str(sqlite_path)]
+    assert runner.invoke(app, ["ingest", str(simple_case), *dbarg]).exit_code == 0
+    monkeypatch.setenv("CHROMOBATCH_REVIEWER", "dr.env")
+    r = runner.invoke(app, ["label", "CASE001", "--cell", "1", "--chromosome", "1", "--as", "2", *dbarg])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["label", "CASE001", "--cell", "1", "--chromosome", "2", "--as", "3", "--reviewer",
+                            "dr.flag", *dbarg])
+    assert r.exit_code == 0, r.output
+    trail = runner.invoke(app, ["history", "CASE001", *dbarg]).output
+    assert "1 -> 2  [reviewed by dr.env]" in trail and "1 -> 3  [reviewed by dr.flag]" in trail, trail

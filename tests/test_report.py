@@ -42,7 +42,7 @@ def _cell_crops(labels: tuple[str, ...], seed: int) -> tuple[np.ndarray, ...]:
     """Synthetic crops from the ideogram (random angles, so rotation is exercised); cached across tests."""
     rng = np.random.default_rng(seed)
     try:
-        from chromobatch.synth.generate import render_chromosome
+        from chromobatch.synth.render import render_chromosome
     except ImportError:  # fall back to plain banded rods of ISCN-like lengths, tilted
         rods = []
         for k, lab in enumerate(labels):

@@ -16,7 +16,10 @@ from scipy.stats import spearmanr
 from chromobatch import CLASSES
 from chromobatch.errors import ConfigError, InputError, InvalidCaseId
 from chromobatch.intake.imaging import decode_png, detect_polarity, normalise
-from chromobatch.synth import generate as synth
+from chromobatch.synth.cases import FORMATS, SECONDARY_CAPTURE, generate_case, generate_cases, generate_dataset
+from chromobatch.synth.ideogram import DATA_DIR, RESOLUTIONS, iscn_length, load_ideogram
+from chromobatch.synth.karyotypes import KARYOTYPES, NORMAL_KARYOTYPES, case_karyotype, karyotype_labels
+from chromobatch.synth.render import STYLES, render_chromosome
 
 
 def read_labels(case: Path) -> list[tuple[str, str]]:
@@ -31,33 +34,33 @@ def all_bytes(root: Path) -> dict[str, bytes]:
 
 
 # ---------------------------------------------------------------------------------------------- ideogram
-@pytest.mark.parametrize("resolution", synth.RESOLUTIONS)
+@pytest.mark.parametrize("resolution", RESOLUTIONS)
 def test_ideogram_tables_are_vendored_and_complete(resolution: int) -> None:
-    assert (synth.DATA_DIR / "eweitz_ideogram_LICENSE_CC0.txt").is_file()
-    ideo = synth.load_ideogram(resolution)
+    assert (DATA_DIR / "eweitz_ideogram_LICENSE_CC0.txt").is_file()
+    ideo = load_ideogram(resolution)
     assert sorted(ideo) == sorted(CLASSES)
     for label, bands in ideo.items():
         assert bands[0].start == 0
         assert sum(b.stain == "acen" for b in bands) >= 2, label
         assert all(b.stop > b.start for b in bands)
-    assert synth.iscn_length("1", resolution) == 15100
+    assert iscn_length("1", resolution) == 15100
     assert any(b.stain == "stalk" for b in ideo["21"]) and not any(b.stain == "stalk" for b in ideo["1"])
     ideo["1"].clear()  # callers get copies; the cache is untouched
-    assert synth.load_ideogram(resolution)["1"]
+    assert load_ideogram(resolution)["1"]
 
 
 def test_bad_resolution() -> None:
     with pytest.raises(ConfigError):
-        synth.load_ideogram(300)
+        load_ideogram(300)
 
 
 # ---------------------------------------------------------------------------------------------- rendering
-@pytest.mark.parametrize("style", synth.STYLES)
+@pytest.mark.parametrize("style", STYLES)
 def test_render_polarity_and_scale(style: str) -> None:
     rng = np.random.default_rng(5)
     for label, lo, hi in (("1", 60, 115), ("21", 15, 32)):
         for _ in range(3):
-            img = synth.render_chromosome(label, rng, style=style, upright=True)
+            img = render_chromosome(label, rng, style=style, upright=True)
             assert img.dtype == np.uint8 and img.ndim == 2
             assert detect_polarity(img) == ("dark_on_light" if style == "G" else "bright_on_dark")
             crop, _ = normalise(img)  # what ingest does
@@ -66,9 +69,9 @@ def test_render_polarity_and_scale(style: str) -> None:
 
 
 def test_render_deterministic_by_seed() -> None:
-    a = synth.render_chromosome("7", np.random.default_rng(42), style="Q")
-    b = synth.render_chromosome("7", np.random.default_rng(42), style="Q")
-    c = synth.render_chromosome("7", np.random.default_rng(43), style="Q")
+    a = render_chromosome("7", np.random.default_rng(42), style="Q")
+    b = render_chromosome("7", np.random.default_rng(42), style="Q")
+    c = render_chromosome("7", np.random.default_rng(43), style="Q")
     assert np.array_equal(a, b)
     assert a.shape != c.shape or not np.array_equal(a, c)
 
@@ -76,12 +79,12 @@ def test_render_deterministic_by_seed() -> None:
 def test_length_ranking_follows_ideogram() -> None:
     """Measured per-class size (upright height; area at any angle) ranks like the ISCN lengths."""
     rng = np.random.default_rng(2024)
-    iscn = np.array([synth.iscn_length(c) for c in CLASSES])
+    iscn = np.array([iscn_length(c) for c in CLASSES])
     height, area = [], []
     for label in CLASSES:
         hs, ars = [], []
         for k in range(6):
-            img = synth.render_chromosome(label, rng, upright=k % 2 == 0)
+            img = render_chromosome(label, rng, upright=k % 2 == 0)
             crop, _ = normalise(img)
             if k % 2 == 0:
                 hs.append(crop.shape[0])
@@ -99,11 +102,11 @@ def test_length_ranking_follows_ideogram() -> None:
 def test_render_rejects_bad_arguments() -> None:
     rng = np.random.default_rng(0)
     with pytest.raises(ConfigError):
-        synth.render_chromosome("23b", rng)
+        render_chromosome("23b", rng)
     with pytest.raises(ConfigError):
-        synth.render_chromosome("1", rng, style="C")
+        render_chromosome("1", rng, style="C")
     with pytest.raises(ConfigError):
-        synth.render_chromosome("1", rng, condensation=0)
+        render_chromosome("1", rng, condensation=0)
 
 
 # ---------------------------------------------------------------------------------------------- karyotypes
@@ -126,18 +129,18 @@ def check_counts(labels: list[str], karyotype: str) -> None:
 
 @pytest.mark.parametrize("karyotype", list(EXPECTED))
 def test_karyotype_labels(karyotype: str) -> None:
-    check_counts(synth.karyotype_labels(karyotype), karyotype)
+    check_counts(karyotype_labels(karyotype), karyotype)
 
 
 def test_known_karyotypes_are_tested() -> None:
-    assert set(synth.KARYOTYPES) == set(EXPECTED)
+    assert set(KARYOTYPES) == set(EXPECTED)
     with pytest.raises(ConfigError):
-        synth.karyotype_labels("46,XZ")
+        karyotype_labels("46,XZ")
 
 
 def test_every_karyotype_writes_the_right_counts(tmp_path: Path) -> None:
     for i, kt in enumerate(EXPECTED):
-        case = synth.generate_case(tmp_path, f"K{i:02d}", cells=1, fmt="png", karyotype=kt, seed=i)
+        case = generate_case(tmp_path, f"K{i:02d}", cells=1, fmt="png", karyotype=kt, seed=i)
         rows = read_labels(case)
         check_counts([lab for _, lab in rows], kt)
         truth = json.loads((case / "truth.json").read_text())
@@ -148,11 +151,11 @@ def test_every_karyotype_writes_the_right_counts(tmp_path: Path) -> None:
 
 
 def test_png_case_layout_hides_labels(tmp_path: Path) -> None:
-    case = synth.generate_case(tmp_path, "SYN-A.1", cells=2, fmt="png", karyotype="46,XY", seed=3)
+    case = generate_case(tmp_path, "SYN-A.1", cells=2, fmt="png", karyotype="46,XY", seed=3)
     rows = read_labels(case)
     assert all(f.startswith(("cell01/c", "cell02/c")) and f.endswith(".png") for f, _ in rows)
     in_file_order = [lab for _, lab in rows if lab]
-    assert in_file_order[:46] != synth.karyotype_labels("46,XY")  # shuffled, not in class order
+    assert in_file_order[:46] != karyotype_labels("46,XY")  # shuffled, not in class order
     crop = decode_png((case / rows[0][0]).read_bytes())
     assert crop.dtype == np.uint8 and crop.ndim == 2
     assert not list(tmp_path.glob(".*"))  # no temporary folder left behind
@@ -160,7 +163,7 @@ def test_png_case_layout_hides_labels(tmp_path: Path) -> None:
 
 def test_mosaic_case(tmp_path: Path) -> None:
     kts = ["47,XXY", "46,XY", "47,XXY"]
-    case = synth.generate_case(tmp_path, "MOS1", cells=3, fmt="png", karyotype=kts, seed=9)
+    case = generate_case(tmp_path, "MOS1", cells=3, fmt="png", karyotype=kts, seed=9)
     truth = json.loads((case / "truth.json").read_text())
     assert truth["karyotype"] == "mos 47,XXY[2]/46,XY[1]"
     assert [c["karyotype"] for c in truth["cells"]] == kts
@@ -168,44 +171,44 @@ def test_mosaic_case(tmp_path: Path) -> None:
     for ci, kt in enumerate(kts, start=1):
         check_counts([lab for f, lab in rows if f.startswith(f"cell{ci:02d}/")], kt)
     with pytest.raises(ConfigError):
-        synth.generate_case(tmp_path, "MOS2", cells=2, fmt="png", karyotype=kts, seed=9)
+        generate_case(tmp_path, "MOS2", cells=2, fmt="png", karyotype=kts, seed=9)
 
 
 def test_case_plan_abnormal_rate(tmp_path: Path) -> None:
-    paths = synth.generate_cases(tmp_path, cases=6, cells=2, abnormal_rate=0.5, seed=11)
+    paths = generate_cases(tmp_path, cases=6, cells=2, abnormal_rate=0.5, seed=11)
     assert [p.name for p in paths] == [f"SYN{i:04d}" for i in range(1, 7)]
     truths = [json.loads((p / "truth.json").read_text()) for p in paths]
-    abnormal = [t for t in truths if any(c["karyotype"] not in synth.NORMAL_KARYOTYPES for c in t["cells"])]
+    abnormal = [t for t in truths if any(c["karyotype"] not in NORMAL_KARYOTYPES for c in t["cells"])]
     assert len(abnormal) == 3
     for t, p in zip(truths, paths, strict=True):
         assert t["case_id"] == p.name and t["format"] == "png" and t["style"] == "G" and t["seed"] == 11
-        assert t["karyotype"] == synth.case_karyotype([c["karyotype"] for c in t["cells"]])
+        assert t["karyotype"] == case_karyotype([c["karyotype"] for c in t["cells"]])
         rows = read_labels(p)
         assert len(rows) == sum(c["count"] for c in t["cells"])
 
 
 def test_bad_case_arguments(tmp_path: Path) -> None:
     with pytest.raises(InvalidCaseId):
-        synth.generate_case(tmp_path, "bad id", cells=1, fmt="png", karyotype="46,XX", seed=0)
+        generate_case(tmp_path, "bad id", cells=1, fmt="png", karyotype="46,XX", seed=0)
     with pytest.raises(ConfigError):
-        synth.generate_case(tmp_path, "A", cells=1, fmt="jpeg", karyotype="46,XX", seed=0)
+        generate_case(tmp_path, "A", cells=1, fmt="jpeg", karyotype="46,XX", seed=0)
     with pytest.raises(ConfigError):
-        synth.generate_cases(tmp_path, cases=1, cells=0)
+        generate_cases(tmp_path, cases=1, cells=0)
     with pytest.raises(ConfigError):
-        synth.generate_cases(tmp_path, cases=1, cells=1, abnormal_rate=1.5)
+        generate_cases(tmp_path, cases=1, cells=1, abnormal_rate=1.5)
     with pytest.raises(ConfigError):
-        synth.generate_cases(tmp_path, cases=1, cells=1, style="R")
-    synth.generate_case(tmp_path, "A", cells=1, fmt="png", karyotype="45,X", seed=0)
+        generate_cases(tmp_path, cases=1, cells=1, style="R")
+    generate_case(tmp_path, "A", cells=1, fmt="png", karyotype="45,X", seed=0)
     with pytest.raises(InputError):  # never overwrites a case
-        synth.generate_case(tmp_path, "A", cells=1, fmt="png", karyotype="45,X", seed=0)
+        generate_case(tmp_path, "A", cells=1, fmt="png", karyotype="45,X", seed=0)
 
 
 # ---------------------------------------------------------------------------------------------- determinism
-@pytest.mark.parametrize("fmt", synth.FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_same_seed_same_bytes(tmp_path: Path, fmt: str) -> None:
-    synth.generate_cases(tmp_path / "a", cases=2, cells=2, fmt=fmt, seed=7, abnormal_rate=0.5)
-    synth.generate_cases(tmp_path / "b", cases=2, cells=2, fmt=fmt, seed=7, abnormal_rate=0.5)
-    synth.generate_cases(tmp_path / "c", cases=2, cells=2, fmt=fmt, seed=8, abnormal_rate=0.5)
+    generate_cases(tmp_path / "a", cases=2, cells=2, fmt=fmt, seed=7, abnormal_rate=0.5)
+    generate_cases(tmp_path / "b", cases=2, cells=2, fmt=fmt, seed=7, abnormal_rate=0.5)
+    generate_cases(tmp_path / "c", cases=2, cells=2, fmt=fmt, seed=8, abnormal_rate=0.5)
     a, b, c = (all_bytes(tmp_path / d) for d in "abc")
     assert a == b
     assert len(a) > 2 * 2 * 45
@@ -215,7 +218,7 @@ def test_same_seed_same_bytes(tmp_path: Path, fmt: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- DICOM
 def test_dicom_round_trip(tmp_path: Path) -> None:
-    case = synth.generate_case(tmp_path, "DCM0001", cells=2, fmt="dicom", karyotype=["47,XY,+21", "46,XY"],
+    case = generate_case(tmp_path, "DCM0001", cells=2, fmt="dicom", karyotype=["47,XY,+21", "46,XY"],
                                seed=5, monochrome1=0.5)
     truth = json.loads((case / "truth.json").read_text())
     assert truth["karyotype"] == "mos 47,XY,+21[1]/46,XY[1]"
@@ -227,7 +230,7 @@ def test_dicom_round_trip(tmp_path: Path) -> None:
     for path in files:
         ds = pydicom.dcmread(path)
         assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
-        assert ds.SOPClassUID == synth.SECONDARY_CAPTURE == ds.file_meta.MediaStorageSOPClassUID
+        assert ds.SOPClassUID == SECONDARY_CAPTURE == ds.file_meta.MediaStorageSOPClassUID
         assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
         assert ds.Modality == "OT"
         assert str(ds.PatientName) == "SYNTH^DCM0001" and ds.PatientID and ds.PatientSex == "M"
@@ -250,7 +253,7 @@ def test_dicom_round_trip(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- dataset
 def test_generate_dataset(tmp_path: Path) -> None:
-    manifest = synth.generate_dataset(tmp_path / "ds", cells=6, seed=1, style="Q", val_fraction=0.2,
+    manifest = generate_dataset(tmp_path / "ds", cells=6, seed=1, style="Q", val_fraction=0.2,
                                       test_fraction=0.2)
     with manifest.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -263,9 +266,9 @@ def test_generate_dataset(tmp_path: Path) -> None:
         assert splits.setdefault(r["patient"], r["split"]) == r["split"]  # split by patient
     assert Counter(splits.values()) == {"train": 4, "val": 1, "test": 1}
     with pytest.raises(InputError):
-        synth.generate_dataset(tmp_path / "ds", cells=6)
+        generate_dataset(tmp_path / "ds", cells=6)
     with pytest.raises(ConfigError):
-        synth.generate_dataset(tmp_path / "ds2", cells=2, val_fraction=0.5, test_fraction=0.5)
+        generate_dataset(tmp_path / "ds2", cells=2, val_fraction=0.5, test_fraction=0.5)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -292,9 +295,9 @@ def test_same_bytes_across_processes(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from pathlib import Path; from chromobatch.synth import generate as synth; "
-            "synth.generate_case(Path(sys.argv[1]), 'P1', cells=1, fmt='png', karyotype='45,X', seed=4); "
-            "synth.generate_case(Path(sys.argv[1]), 'D1', cells=1, fmt='dicom', karyotype='45,X', seed=4)")
+    code = ("import sys; from pathlib import Path; from chromobatch.synth.cases import generate_case; "
+            "generate_case(Path(sys.argv[1]), 'P1', cells=1, fmt='png', karyotype='45,X', seed=4); "
+            "generate_case(Path(sys.argv[1]), 'D1', cells=1, fmt='dicom', karyotype='45,X', seed=4)")
     for sub, hash_seed in (("a", "1"), ("b", "2")):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed)
         subprocess.run([sys.executable, "-c", code, str(tmp_path / sub)], check=True, env=env)

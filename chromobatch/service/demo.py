@@ -16,7 +16,7 @@ from pathlib import Path
 from chromobatch.config import Settings
 from chromobatch.errors import ChromobatchError
 from chromobatch.store.db import Case, connect
-from chromobatch.synth.generate import generate_case
+from chromobatch.synth.cases import generate_case
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,9 @@
 """synth: synthetic G-/Q-band chromosomes, cells and case folders drawn from the GRCh38 ideogram, for the
 demo, the tests and training experiments.
 
+`ideogram` (the vendored cytoband tables), `karyotypes` (the karyotypes a cell can have), `render` (one
+chromosome crop, one cell), `cases` (case folders in PNG or DICOM, training sets) and `montage` (all 24
+classes in one figure, for the docs).
+
 May import: intake (imaging), ml, and the bottom.
 """
