@@ -27,7 +27,10 @@ from typer.testing import CliRunner
 
 from chromobatch.cli.main import app
 from chromobatch.faults import transient_reason
-from chromobatch.service.watch import ERROR_FILE, ReadyTracker, Scanner, Worker, resolve_paths
+from chromobatch.service.casefolders import ERROR_FILE, resolve_paths
+from chromobatch.service.readiness import ReadyTracker
+from chromobatch.service.scanner import Scanner
+from chromobatch.service.worker import Worker
 from chromobatch.store import db, jobs
 
 
@@ -102,7 +105,7 @@ def test_stray_file_and_empty_folder_are_told(sqlite_path: Path, layout: SimpleN
     scanner = Scanner(database, settings, resolve_paths(layout.incoming, settings))
     write_png(layout.incoming / "loose.png", chromosome_array(30, 8))
     (layout.incoming / "EMPTY1").mkdir()
-    caplog.set_level(logging.INFO, logger="chromobatch.service.watch")
+    caplog.set_level(logging.INFO, logger="chromobatch.service")  # the scanner and readiness both speak here
     for _ in range(4):
         scanner.scan()
         time.sleep(0.25)

@@ -25,16 +25,12 @@ from typer.testing import CliRunner
 from chromobatch.cli.main import app
 from chromobatch.config import load_settings
 from chromobatch.errors import EmptyCase, InvalidCaseId
-from chromobatch.service.watch import (
-    ERROR_FILE,
-    ReadyTracker,
-    Scanner,
-    StopFlag,
-    Worker,
-    move_case,
-    resolve_paths,
-    watch,
-)
+from chromobatch.service.casefolders import ERROR_FILE, move_case, resolve_paths
+from chromobatch.service.readiness import ReadyTracker
+from chromobatch.service.scanner import Scanner
+from chromobatch.service.stopping import StopFlag
+from chromobatch.service.watch import watch
+from chromobatch.service.worker import Worker
 from chromobatch.store import db, jobs
 
 # --------------------------------------------------------------------------------------------------
@@ -394,7 +390,9 @@ def test_watch_batch_of_50_cases(sqlite_path: Path, layout: SimpleNamespace, wat
         assert [r.source_file for r in mixed_row.rejected] == ["cell1/broken.png"]
     log_text = watchers[0].text()
     assert "Traceback" not in log_text
-    assert log_text.count("chromobatch.service.watch: case ") >= 50  # a queued line and an outcome line per case
+    # a queued line (the scanner's) and an outcome line (the worker's) per case
+    assert log_text.count("chromobatch.service.scanner: case ") + log_text.count(
+        "chromobatch.service.worker: case ") >= 50
     database.dispose()
 
 

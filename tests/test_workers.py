@@ -18,7 +18,7 @@ import pytest
 from helpers import Watcher, child_pids
 from test_watch import check_each_case_once, make_case, wait_for
 
-from chromobatch.service.watch import CHILD_MIN_LIFETIME_S
+from chromobatch.service.supervisor import CHILD_MIN_LIFETIME_S
 from chromobatch.store import db, jobs
 
 
