@@ -38,7 +38,7 @@ from chromobatch.ml.preprocess import render  # noqa: E402
 from chromobatch.registry.register import DEFAULT_MODEL_DIR, load_predictor  # noqa: E402
 from chromobatch.service.pipeline import process_case  # noqa: E402
 from chromobatch.store import db  # noqa: E402
-from chromobatch.synth.generate import generate_case, generate_cases  # noqa: E402
+from chromobatch.synth.cases import generate_case, generate_cases  # noqa: E402
 
 
 def raw_forward(model_dir: Path, cases: list[Path], batch_size: int, device: str, repeats: int) -> tuple[float, int]:

@@ -26,8 +26,9 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from chromobatch.synth.generate import generate_dataset
-from chromobatch.training.loop import TrainConfig, train
+from chromobatch.synth.cases import generate_dataset
+from chromobatch.training.config import TrainConfig  # noqa: E402
+from chromobatch.training.loop import train
 from chromobatch.training.records import load_records
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -25,25 +25,20 @@ from chromobatch.intake.imaging import encode_png
 from chromobatch.ml.factory import create_model
 from chromobatch.ml.folders import load_model, save_model
 from chromobatch.ml.preprocess import PreprocessSpec
+from chromobatch.registry.lock import LOCKED_EXIT_CODE, TrainingLock, TrainingLocked, default_lock_path
+from chromobatch.registry.promote import list_models, promote, rollback
 from chromobatch.registry.register import load_predictor, register_model
 from chromobatch.registry.retrain import (
-    LOCKED_EXIT_CODE,
     RetrainOptions,
-    TrainingLock,
-    TrainingLocked,
     assign_validation,
     build_training_set,
     decide,
-    default_lock_path,
-    list_models,
     patient_key,
-    promote,
     retrain,
-    rollback,
 )
 from chromobatch.service.pipeline import process_case
 from chromobatch.store import db
-from chromobatch.training.loop import TrainConfig
+from chromobatch.training.config import TrainConfig
 
 TINY_TRAIN = ["--backbone", "test_resnet", "--input-size", "32", "--embed-dim", "32", "--steps", "4",
               "--val-every", "2", "--device", "cpu", "--no-progress"]
@@ -368,7 +363,7 @@ def watcher_proc() -> Iterator[list[subprocess.Popen[bytes]]]:
 def test_end_to_end_review_retrain_promote_watcher_switches(
         sqlite_path: Path, tmp_path: Path, tiny_model_dir: Path,
         watcher_proc: list[subprocess.Popen[bytes]]) -> None:
-    from chromobatch.synth.generate import generate_case
+    from chromobatch.synth.cases import generate_case
 
     cases = tmp_path / "cases"
     for i, kt in enumerate(["46,XY", "46,XY", "46,XX", "46,XY"]):

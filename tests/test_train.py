@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from chromobatch import CLASSES
 from chromobatch.cli.main import app
 from chromobatch.errors import ConfigError, DataError
-from chromobatch.training.loop import TrainConfig, lr_factor, train
+from chromobatch.training.config import TrainConfig
+from chromobatch.training.loop import lr_factor, train
 from chromobatch.training.records import (
     AugmentConfig,
     PairSampler,
@@ -273,7 +274,7 @@ def test_init_from_rejects_a_different_architecture(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def synth_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic dataset from chromobatch.synth (the project's generator)."""
-    from chromobatch.synth.generate import generate_dataset
+    from chromobatch.synth.cases import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("synth") / "data", cells=10, seed=3)
 

@@ -22,7 +22,8 @@ models_app = typer.Typer(help="The model registry: candidates, the active model,
 def _train_from_db(cfg: Any, db: str, *, models_dir: Path | None, margin: float, val_fraction: float,
                    lock: Path | None, promote: bool, progress: bool, warm_start: bool) -> None:
     """`train --db`: retrain.retrain, with its own exit code when another run holds the lock."""
-    from chromobatch.registry.retrain import RetrainOptions, TrainingLocked, retrain
+    from chromobatch.registry.lock import TrainingLocked
+    from chromobatch.registry.retrain import RetrainOptions, retrain
     from chromobatch.store.db import connect
 
     s = settings(db=db, models_dir=models_dir, train_lock=lock)
@@ -53,7 +54,7 @@ def models_list(db: DbOpt = None,
                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON (with the history).")] = False
                 ) -> None:
     """Every registered model version with its status, validation accuracy and reason."""
-    from chromobatch.registry.retrain import format_models, list_models
+    from chromobatch.registry.promote import format_models, list_models
     from chromobatch.store.db import connect
 
     database = connect(settings(db=db).db)
@@ -72,7 +73,7 @@ def models_promote(
     db: DbOpt = None,
 ) -> None:
     """Make a model version the active one (watchers switch before their next case)."""
-    from chromobatch.registry.retrain import promote
+    from chromobatch.registry.promote import promote
     from chromobatch.store.db import connect
 
     database = connect(settings(db=db).db)
@@ -90,7 +91,7 @@ def models_rollback(
     db: DbOpt = None,
 ) -> None:
     """Re-activate the model that was active before the current one; the current one is retired."""
-    from chromobatch.registry.retrain import rollback
+    from chromobatch.registry.promote import rollback
     from chromobatch.store.db import connect
 
     database = connect(settings(db=db).db)
@@ -112,7 +113,7 @@ class _TrainDefault:
         self.field = field
 
     def __call__(self) -> Any:
-        from chromobatch.training.loop import TrainConfig
+        from chromobatch.training.config import TrainConfig
 
         return functools.reduce(getattr, self.field.split("."), TrainConfig())
 
@@ -224,7 +225,7 @@ def train(
 
     With --db: train on the lab's labelled cases, register a candidate, promote it if it is not worse than the
     active model (exit code 75 when another training run holds the lock)."""
-    from chromobatch.training.loop import TrainConfig
+    from chromobatch.training.config import TrainConfig
     from chromobatch.training.loop import train as run_training
     from chromobatch.training.records import AugmentConfig
 

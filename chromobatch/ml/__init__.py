@@ -1,5 +1,7 @@
-"""ml: the classifier as a thing that runs. The timm model factory, model folders (safetensors + JSON),
-preprocessing, geometry (chromosome mask, upright), the size prior, and batched prediction.
+"""ml: the classifier as a thing that runs. The timm model factory (factory), model folders (folders:
+safetensors + JSON, and the one function that rewrites model.json), preprocessing, geometry (chromosome
+mask, upright), the size prior (sizeprior), the one device resolver (device), the one batched forward pass
+(forward), and batched prediction for the service (predict).
 
 May import: intake (imaging), store, and the bottom. Not training, not the registry, not the service.
 """

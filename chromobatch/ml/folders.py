@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from chromobatch import CLASSES, NUM_CLASSES
 from chromobatch.errors import ModelError
 from chromobatch.files import atomic_write
 from chromobatch.ml.factory import ChromosomeNet, create_model
+from chromobatch.ml.forward import forward_batch, forward_canvases
 from chromobatch.ml.preprocess import PreprocessSpec, render, to_tensor
 from chromobatch.ml.sizeprior import SizePrior
 
@@ -78,8 +78,26 @@ def save_model(net: ChromosomeNet, meta: dict[str, Any], folder: str | Path, *, 
         }
     )
     atomic_write(folder / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-    atomic_write(folder / META, lambda p: p.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n"))
+    _write_meta(folder, full)
     return folder
+
+
+def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """model.json in the one layout every writer uses (sorted keys, so two folders diff cleanly), atomically:
+    a watcher or `register_model` reading it mid-write sees the old or the new file, never half of one."""
+    atomic_write(folder / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def update_meta(folder: str | Path, change: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
+    """Read a model folder's model.json (checked by `read_meta`), let `change` edit it in place, write it back.
+
+    The only way model.json is rewritten after `save_model` (size prior, run statistics, registry identity),
+    so every later edit is atomic and keeps the layout. Returns the new content.
+    """
+    meta = read_meta(folder)
+    change(meta)
+    _write_meta(Path(folder), meta)
+    return meta
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -114,14 +132,15 @@ def model_identity(weights_sha256: str, size_prior: SizePrior | None) -> str:
 
 def attach_size_prior(folder: str | Path, prior: SizePrior | None, info: dict[str, Any]) -> None:
     """Write (or, with None, remove) a model folder's size prior; `info` (how it was tuned) goes to metrics."""
-    path = Path(folder) / META
-    meta = read_meta(folder)
-    if prior is None:
-        meta.pop("size_prior", None)
-    else:
-        meta["size_prior"] = prior.to_dict()
-    meta.setdefault("metrics", {})["size_prior"] = info
-    atomic_write(path, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+
+    def change(meta: dict[str, Any]) -> None:
+        if prior is None:
+            meta.pop("size_prior", None)
+        else:
+            meta["size_prior"] = prior.to_dict()
+        meta.setdefault("metrics", {})["size_prior"] = info
+
+    update_meta(folder, change)
 
 
 @dataclass
@@ -141,21 +160,17 @@ class LoadedModel:
     def classes(self) -> tuple[str, ...]:
         return CLASSES
 
-    def batch_tensor(self, crops: Sequence[np.ndarray], cell_median_lengths: Sequence[float | None]) -> torch.Tensor:
-        canv = np.stack([render(c, self.spec, m) for c, m in zip(crops, cell_median_lengths, strict=True)])
-        return to_tensor(canv).unsqueeze(1)
+    def canvases(self, crops: Sequence[np.ndarray], cell_median_lengths: Sequence[float | None]) -> torch.Tensor:
+        """uint8 canvases (B, S, S) of crops, preprocessed by this model's spec."""
+        return torch.from_numpy(
+            np.stack([render(c, self.spec, m) for c, m in zip(crops, cell_median_lengths, strict=True)]))
 
-    @torch.inference_mode()
+    def batch_tensor(self, crops: Sequence[np.ndarray], cell_median_lengths: Sequence[float | None]) -> torch.Tensor:
+        return to_tensor(self.canvases(crops, cell_median_lengths)).unsqueeze(1)
+
     def predict_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, S, S) float batch (from `preprocess`) -> (softmax probs [B, 24], embeddings [B, D]) in fp32."""
-        x = x.to(self.device, non_blocking=True)
-        cuda = self.device.type == "cuda"
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-        with ctx:
-            emb, logits = self.net(x)
-        return torch.softmax(logits.float(), dim=-1), emb.float()
+        return forward_batch(self.net, x, self.device)
 
     def predict(
         self,
@@ -176,12 +191,15 @@ class LoadedModel:
         d = int(self.meta["embed_dim"])
         if n == 0:
             return np.zeros((0, NUM_CLASSES), np.float32), np.zeros((0, d), np.float32)
-        probs, embs = [], []
-        for i in range(0, n, batch_size):
-            p, e = self.predict_tensor(self.batch_tensor(crops[i : i + batch_size], meds[i : i + batch_size]))
-            probs.append(p.cpu().numpy())
-            embs.append(e.cpu().numpy())
-        return self.apply_size_prior(np.concatenate(probs), rel_inks), np.concatenate(embs)
+        probs, embs = forward_canvases(self.net, self._canvas_batches(crops, meds, batch_size), self.device)
+        assert embs is not None
+        return self.apply_size_prior(probs.numpy(), rel_inks), embs.numpy()
+
+    def _canvas_batches(self, crops: Sequence[np.ndarray], meds: Sequence[float | None],
+                        batch_size: int) -> Iterator[torch.Tensor]:
+        """Rendered one batch at a time, so a large set never holds all its canvases at once."""
+        for i in range(0, len(crops), batch_size):
+            yield self.canvases(crops[i : i + batch_size], meds[i : i + batch_size])
 
     def apply_size_prior(self, probs: np.ndarray, rel_inks: Sequence[float] | np.ndarray | None) -> np.ndarray:
         """Image probabilities -> with the size evidence (unchanged without a prior or without rel_inks)."""

@@ -1,7 +1,8 @@
 """Batched inference: a loaded model registered in the database, fed by a DataLoader.
 
 Decoding and preprocessing run in DataLoader workers (configurable), the forward pass in batches across
-all cells of a case; on a GPU with bf16 autocast and channels_last, on the CPU in fp32.
+all cells of a case through `ml.forward` (the pass evaluation and training validate with); on a GPU with
+bf16 autocast and channels_last, on the CPU in fp32.
 """
 
 from __future__ import annotations
@@ -15,17 +16,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from chromobatch.errors import ModelError
 from chromobatch.ml.folders import LoadedModel, load_model
+from chromobatch.ml.forward import forward_canvases
 from chromobatch.ml.preprocess import render
 from chromobatch.store.db import Database, ModelVersion, active_model
 
 log = logging.getLogger(__name__)
-
-def pick_device(setting: str) -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {setting!r} requested but no CUDA device is available", hint="Use --device cpu.")
-    return setting
 
 
 class _Canvases(Dataset):
@@ -68,12 +63,8 @@ class Predictor:
         meds = list(medians) if medians is not None else [None] * n
         loader = DataLoader(_Canvases(crops, meds, self.model), batch_size=self.batch_size, shuffle=False,
                             num_workers=self.loader_workers, pin_memory=self.model.device.type == "cuda")
-        out = []
-        for batch in loader:
-            x = batch.unsqueeze(1).float().div_(255.0)
-            probs, _ = self.model.predict_tensor(x)
-            out.append(probs.cpu().numpy())
-        return self.model.apply_size_prior(np.concatenate(out).astype(np.float32), rel_inks)
+        probs, _ = forward_canvases(self.model.net, loader, self.model.device, embeddings=False)
+        return self.model.apply_size_prior(probs.numpy().astype(np.float32), rel_inks)
 
     def maybe_reload(self, database: Database) -> bool:
         """Swap to the database's active model if it changed (called by the watcher between cases)."""

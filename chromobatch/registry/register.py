@@ -13,8 +13,9 @@ from sqlalchemy.exc import IntegrityError
 
 from chromobatch.config import Settings
 from chromobatch.errors import ModelError
+from chromobatch.ml.device import resolve_device
 from chromobatch.ml.folders import LoadedModel, load_model
-from chromobatch.ml.predict import Predictor, pick_device
+from chromobatch.ml.predict import Predictor
 from chromobatch.store.db import Database, ModelVersion, active_model, utcnow
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def _register(database: Database, model: LoadedModel, status: str, name: str | N
 
 def load_predictor(database: Database, settings: Settings, model_path: str | Path | None = None) -> Predictor:
     """The model to use: --model, else settings.model, else the database's active one, else the shipped default."""
-    device = pick_device(settings.device)
+    device = resolve_device(settings.device)
     explicit = model_path or settings.model or None
     if explicit is None:
         with database.session() as s:
