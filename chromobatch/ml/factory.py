@@ -35,7 +35,7 @@ class ChromosomeNet(nn.Module):
         self.backbone = backbone
         # timm's pooled pre-logits width: head_hidden_size where a head conv widens it (MobileNetV3).
         width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
-        self.embed = nn.Linear(int(width), embed_dim)
+        self.embed = nn.Linear(int(width), embed_dim)  # type: ignore[arg-type]  # timm: an int
         self.classifier = nn.Linear(embed_dim, num_classes)
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
 
@@ -49,10 +49,10 @@ class ChromosomeNet(nn.Module):
         self.logit_scale.clamp_(max=math.log(MAX_TEMPERATURE))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(x)
+        return self.backbone.forward_features(x)  # type: ignore[operator]  # a timm model's method
 
     def forward_head(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.backbone.forward_head(features, pre_logits=True)
+        pooled = self.backbone.forward_head(features, pre_logits=True)  # type: ignore[operator]
         emb = self.embed(pooled)
         return emb, self.classifier(emb)
 

@@ -70,7 +70,8 @@ class TrainingSet:
 def patient_key(case_id: str, meta: dict[str, Any] | None) -> str:
     """Who a case belongs to: DICOM PatientID when the case has one, else the case id (one patient per case)."""
     meta = meta or {}
-    dicom = meta.get("dicom") if isinstance(meta.get("dicom"), dict) else {}
+    found = meta.get("dicom")
+    dicom: dict[str, Any] = found if isinstance(found, dict) else {}
     pid = str(dicom.get("PatientID") or meta.get("PatientID") or "").strip()
     return f"pid:{pid}" if pid else f"case:{case_id}"
 

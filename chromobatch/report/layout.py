@@ -114,6 +114,8 @@ def _rows_for(cell: CellView) -> list[_Row]:
     by_class: dict[str, list[tuple[ChromosomeView, np.ndarray, float]]] = defaultdict(list)
     loose: list[tuple[ChromosomeView, np.ndarray, float]] = []
     for chrom in cell.chromosomes:
+        if chrom.crop is None:
+            raise ValueError(f"chromosome {chrom.chromosome_id}: crop not loaded (load_cell_crops first)")
         arr, angle = upright(chrom.crop)
         if chrom.label in CLASSES:
             by_class[chrom.label].append((chrom, arr, angle))

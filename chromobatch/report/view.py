@@ -210,9 +210,9 @@ def load_case_view(database: Database, case_id: str, *, cells: int | None = None
                     view.confidence = float(pred.confidence)
                     view.flags = tuple(str(f) for f in (pred.flags or []))
                     view.label, view.label_source = view.predicted, "model"
-                lab = labels.get(chrom_id) if reviewed else None
-                if lab is not None:
-                    view.label, view.label_source, view.reviewer = lab.label, lab.source, lab.reviewer
+                current = labels.get(chrom_id) if reviewed else None
+                if current is not None:
+                    view.label, view.label_source, view.reviewer = current.label, current.source, current.reviewer
                 items.append(view)
             cell_summary = cell_summaries.get(cell.name, {})
             from_summary = cell_summary.get("rejected_files")

@@ -79,13 +79,13 @@ def run_demo(out: Path, settings: Settings, *, cells: int = 3, seed: int = 0, fm
     try:
         with database.session() as s:
             for case_id, truth in truths.items():
-                case = s.query(Case).filter_by(case_id=case_id).one_or_none()
-                if case is None:
+                found = s.query(Case).filter_by(case_id=case_id).one_or_none()
+                if found is None:
                     rows.append(DemoRow(case_id, truth, None, "missing", 0, 0, None))
                     continue
-                n = sum(len(c.chromosomes) for c in case.cells)
+                n = sum(len(c.chromosomes) for c in found.cells)
                 reports = sorted((out / "reports").glob(f"{case_id}*.pdf"))
-                rows.append(DemoRow(case_id, truth, case.karyotype, case.status, len(case.cells), n,
+                rows.append(DemoRow(case_id, truth, found.karyotype, found.status, len(found.cells), n,
                                     str(reports[0]) if reports else None))
     finally:
         database.dispose()

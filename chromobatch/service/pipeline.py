@@ -100,7 +100,7 @@ def _finish_job(s: Session, job_id: int | None, worker: str | None) -> None:
     """Mark the job done in the results' transaction, only if it is still ours (else roll everything back)."""
     if job_id is None:
         return
-    job = s.get(Job, job_id, with_for_update=s.bind.dialect.name == "postgresql")
+    job = s.get(Job, job_id, with_for_update=s.get_bind().dialect.name == "postgresql")
     if job is None or job.state != JobState.RUNNING or (worker is not None and job.worker != worker):
         raise JobError(f"job {job_id} was taken over by another worker; this worker's results are discarded")
     job.state, job.finished_at, job.error = JobState.DONE, utcnow(), None

@@ -74,11 +74,11 @@ def _finish_folder(tmp: Path, final: Path) -> None:
 def _dicom_bytes(pixels: np.ndarray, tags: dict[str, object], monochrome1: bool) -> bytes:
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
-    meta.MediaStorageSOPInstanceUID = tags["SOPInstanceUID"]
+    meta.MediaStorageSOPClassUID = UID(SECONDARY_CAPTURE)
+    meta.MediaStorageSOPInstanceUID = UID(str(tags["SOPInstanceUID"]))
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset("synthetic.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SpecificCharacterSet = "ISO_IR 100"

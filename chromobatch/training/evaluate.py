@@ -50,7 +50,10 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     conf = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     np.add.at(conf, (y_true, pred), 1)
     per_class = []
-    recalls, precisions, f1s, aucs = [], [], [], []
+    recalls: list[float] = []
+    precisions: list[float] = []
+    f1s: list[float] = []
+    aucs: list[float] = []
     for k, name in enumerate(CLASSES):
         support = int(conf[k].sum())
         predicted = int(conf[:, k].sum())
@@ -62,10 +65,10 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
         pos = y_true == k
         auc = _binary_auc(pos, probs[:, k]) if 0 < support < n else None
         row.update(recall=rec, precision=prec, f1=f1, auc=auc)
-        if support:
-            recalls.append(rec)
-            precisions.append(prec)
-            f1s.append(f1)
+        if support:  # then rec, prec and f1 are numbers
+            recalls.append(tp / support)
+            precisions.append(prec or 0.0)
+            f1s.append(f1 or 0.0)
         if auc is not None:
             aucs.append(auc)
         top = [(CLASSES[j], int(conf[k, j])) for j in np.argsort(-conf[k]) if j != k and conf[k, j] > 0][:3]
@@ -155,7 +158,7 @@ def plot_confusion(conf: np.ndarray, path: Path, title: str) -> None:
 def _colours() -> list[Any]:
     from matplotlib import colormaps
 
-    tab = colormaps["tab20"].colors + colormaps["Dark2"].colors
+    tab = list(getattr(colormaps["tab20"], "colors")) + list(getattr(colormaps["Dark2"], "colors"))  # noqa: B009
     return list(tab[:NUM_CLASSES])
 
 

@@ -32,7 +32,7 @@ from chromobatch.training.records import (
     split_records,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True, scope="module")

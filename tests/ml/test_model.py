@@ -17,7 +17,7 @@ from chromobatch.ml.folders import load_model, save_model
 from chromobatch.ml.preprocess import PreprocessSpec, choose_scale, preprocess, render
 from chromobatch.training.evaluate import class_activation_maps, compute_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def bar(length: int, width: int = 8) -> np.ndarray:

@@ -15,7 +15,7 @@ from chromobatch.store import db
 
 TABLES = ["alembic_version", "cases", "cells", "chromosomes", "jobs", "labels", "model_versions",
           "predictions", "rejected_files"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_new_sqlite_file_is_migrated_on_first_use(sqlite_path: Path) -> None:
