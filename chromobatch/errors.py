@@ -65,3 +65,36 @@ class DataError(ChromobatchError):
 
 class JobError(ChromobatchError):
     hint = "See `chromobatch status` for the job's error."
+
+
+class ReviewError(ChromobatchError):
+    """A review request that names something that does not exist or is not allowed."""
+
+    hint = "List the case's chromosomes with their numbers: `chromobatch review CASE`."
+
+
+class CellNotFound(ReviewError):
+    pass
+
+
+class ChromosomeNotFound(ReviewError):
+    pass
+
+
+class InvalidLabel(ReviewError):
+    hint = "Labels are 1-22, X or Y (also accepted: chr1, x, 23 for X, 24 for Y)."
+
+
+class CorrectionsFileError(InputError):
+    hint = "The file needs a header `file,label` or `cell,chromosome,label`; nothing was changed."
+
+
+#: Exit code of `chromobatch train --db` when another training run holds the lock (EX_TEMPFAIL).
+LOCKED_EXIT_CODE = 75
+
+
+class TrainingLocked(ChromobatchError):
+    """Another training run holds the lock; not an error for a timer, so it has its own exit code."""
+
+    hint = "Another `chromobatch train --db` is running; this run did nothing. Try again when it has finished."
+    exit_code = LOCKED_EXIT_CODE

@@ -36,7 +36,7 @@ def test_units_say_what_the_docs_promise() -> None:
     assert train["SuccessExitStatus"] == ["75"]  # retrain.LOCKED_EXIT_CODE: another run holds the lock
     timer = _unit("chromobatch-train.timer")
     assert timer["Persistent"] == ["true"] and timer["OnCalendar"]
-    from chromobatch.registry.lock import LOCKED_EXIT_CODE
+    from chromobatch.errors import LOCKED_EXIT_CODE
 
     assert LOCKED_EXIT_CODE == 75
 

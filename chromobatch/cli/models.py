@@ -22,7 +22,7 @@ models_app = typer.Typer(help="The model registry: candidates, the active model,
 def _train_from_db(cfg: Any, db: str, *, models_dir: Path | None, margin: float, val_fraction: float,
                    lock: Path | None, promote: bool, progress: bool, warm_start: bool) -> None:
     """`train --db`: retrain.retrain, with its own exit code when another run holds the lock."""
-    from chromobatch.registry.lock import TrainingLocked
+    from chromobatch.errors import TrainingLocked
     from chromobatch.registry.retrain import RetrainOptions, retrain
     from chromobatch.store.db import connect
 

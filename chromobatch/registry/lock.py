@@ -14,20 +14,11 @@ from pathlib import Path
 
 from sqlalchemy.engine import Connection
 
-from chromobatch.errors import ChromobatchError
+from chromobatch.errors import TrainingLocked
 from chromobatch.store.db import Database, utcnow
 
-#: Exit code of `chromobatch train --db` when another training run holds the lock (EX_TEMPFAIL).
-LOCKED_EXIT_CODE = 75
 #: pg_try_advisory_lock key of training runs (`db upgrade` uses 727274).
 ADVISORY_LOCK_KEY = 727275
-
-
-class TrainingLocked(ChromobatchError):
-    """Another training run holds the lock; not an error for a timer, so it has its own exit code."""
-
-    hint = "Another `chromobatch train --db` is running; this run did nothing. Try again when it has finished."
-    exit_code = LOCKED_EXIT_CODE
 
 
 class TrainingLock:

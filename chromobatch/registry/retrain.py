@@ -25,11 +25,11 @@ from typing import Any
 from sqlalchemy import func, select, text
 
 from chromobatch import CLASS_INDEX, CLASSES
-from chromobatch.errors import ChromobatchError, DataError, ModelError
+from chromobatch.errors import ChromobatchError, DataError, ModelError, TrainingLocked
 from chromobatch.intake.imaging import decode_png
 from chromobatch.ml.device import resolve_device
 from chromobatch.ml.folders import load_model, read_meta, update_meta
-from chromobatch.registry.lock import TrainingLock, TrainingLocked, default_lock_path
+from chromobatch.registry.lock import TrainingLock, default_lock_path
 from chromobatch.registry.promote import activate, note_event
 from chromobatch.registry.register import register_model
 from chromobatch.store.db import Case, Chromosome, Database, Label, ModelVersion, active_model, utcnow

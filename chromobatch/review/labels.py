@@ -21,7 +21,14 @@ from sqlalchemy.orm import Session
 
 from chromobatch import normalise_label
 from chromobatch.csvio import HeaderError, read_table
-from chromobatch.errors import CaseNotFound, ChromobatchError, InputError
+from chromobatch.errors import (
+    CaseNotFound,
+    CellNotFound,
+    ChromosomeNotFound,
+    CorrectionsFileError,
+    InvalidLabel,
+    ReviewError,
+)
 from chromobatch.store.db import Case, Cell, Chromosome, Database, Label, Prediction, utcnow
 from chromobatch.store.queries import newest_labels
 from chromobatch.store.states import LabelSource
@@ -29,28 +36,6 @@ from chromobatch.store.states import LabelSource
 log = logging.getLogger(__name__)
 
 MAX_REVIEWER = 128
-
-
-class ReviewError(ChromobatchError):
-    """A review request that names something that does not exist or is not allowed."""
-
-    hint = "List the case's chromosomes with their numbers: `chromobatch review CASE`."
-
-
-class CellNotFound(ReviewError):
-    pass
-
-
-class ChromosomeNotFound(ReviewError):
-    pass
-
-
-class InvalidLabel(ReviewError):
-    hint = "Labels are 1-22, X or Y (also accepted: chr1, x, 23 for X, 24 for Y)."
-
-
-class CorrectionsFileError(InputError):
-    hint = "The file needs a header `file,label` or `cell,chromosome,label`; nothing was changed."
 
 
 @dataclass(frozen=True)

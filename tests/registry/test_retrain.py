@@ -21,11 +21,12 @@ from typer.testing import CliRunner
 from chromobatch import CLASSES
 from chromobatch.cli.main import app
 from chromobatch.config import load_settings
+from chromobatch.errors import LOCKED_EXIT_CODE, TrainingLocked
 from chromobatch.intake.imaging import encode_png
 from chromobatch.ml.factory import create_model
 from chromobatch.ml.folders import load_model, save_model
 from chromobatch.ml.preprocess import PreprocessSpec
-from chromobatch.registry.lock import LOCKED_EXIT_CODE, TrainingLock, TrainingLocked, default_lock_path
+from chromobatch.registry.lock import TrainingLock, default_lock_path
 from chromobatch.registry.promote import list_models, promote, rollback
 from chromobatch.registry.register import load_predictor, register_model
 from chromobatch.registry.retrain import (

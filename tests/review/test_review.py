@@ -11,15 +11,18 @@ from typer.testing import CliRunner
 
 from chromobatch.cli.main import app
 from chromobatch.config import load_settings
-from chromobatch.errors import CaseNotFound, ChromobatchError
-from chromobatch.intake.ingest import ingest_case
-from chromobatch.registry.register import load_predictor
-from chromobatch.review.labels import (
+from chromobatch.errors import (
+    CaseNotFound,
     CellNotFound,
+    ChromobatchError,
     ChromosomeNotFound,
     CorrectionsFileError,
     InvalidLabel,
     ReviewError,
+)
+from chromobatch.intake.ingest import ingest_case
+from chromobatch.registry.register import load_predictor
+from chromobatch.review.labels import (
     accept_predictions,
     chromosome_overview,
     history,
