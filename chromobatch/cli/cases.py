@@ -26,11 +26,8 @@ def ingest(
     from chromobatch.store.db import connect
 
     cfg = settings(db=db, polarity=polarity)
-    database = connect(cfg.db)
-    try:
+    with connect(cfg.db) as database:
         result = ingest_case(database, case_dir, polarity=cfg.polarity, max_pixels=cfg.max_image_pixels)
-    finally:
-        database.dispose()
     typer.echo(f"case {result.case_id}: {result.added} chromosomes added, {result.already_stored} already "
                f"stored, {result.cells} cells, {result.labels_imported} labels imported, "
                f"{len(result.rejected)} files rejected")
@@ -59,13 +56,10 @@ def process(
 
     cfg = settings(db=db, model=model, device=device, batch_size=batch_size,
                    reports_dir=str(reports) if reports else None)
-    database = connect(cfg.db)
-    try:
+    with connect(cfg.db) as database:
         predictor = load_predictor(database, cfg)
         result = process_case(database, case_dir, predictor=predictor, settings=cfg, force=force,
                               reports_dir=Path(cfg.reports_dir))
-    finally:
-        database.dispose()
     if result.status == "skipped":
         typer.echo(f"case {result.case_id}: skipped (already processed with this model; --force to redo), "
                    f"karyotype {result.karyotype}")
@@ -94,16 +88,13 @@ def report(
 
     cfg = settings(db=db)
     reports_dir = Path(cfg.reports_dir)
-    database = connect(cfg.db)
-    try:
+    with connect(cfg.db) as database:
         result = render_case_report(database, case_id, out, cells=cells, reports_dir=reports_dir,
                                     png_dir=((out.parent if out else reports_dir) if png else None))
         if out is None and cells is None:  # the case's whole report at its usual place: no longer missing
             from chromobatch.store.reports import record_report
 
             record_report(database, case_id, path=result.pdf)
-    finally:
-        database.dispose()
     typer.echo(f"{result.pdf} ({result.pages} pages)")
     for path in [*result.pngs, *([result.dicom] if result.dicom else [])]:
         typer.echo(str(path))
@@ -120,11 +111,8 @@ def status(
     from chromobatch.store.db import connect
     from chromobatch.store.jobs import format_status, queue_status
 
-    database = connect(settings(db=db).db)
-    try:
+    with connect(settings(db=db).db) as database:
         info = queue_status(database, recent=recent)
-    finally:
-        database.dispose()
     typer.echo(json.dumps(info, indent=2) if as_json else "\n".join(format_status(info)))
 
 

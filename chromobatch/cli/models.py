@@ -57,11 +57,8 @@ def models_list(db: DbOpt = None,
     from chromobatch.registry.promote import format_models, list_models
     from chromobatch.store.db import connect
 
-    database = connect(settings(db=db).db)
-    try:
+    with connect(settings(db=db).db) as database:
         rows = list_models(database)
-    finally:
-        database.dispose()
     typer.echo(json.dumps(rows, indent=2, default=str) if as_json else "\n".join(format_models(rows)))
 
 
@@ -76,11 +73,8 @@ def models_promote(
     from chromobatch.registry.promote import promote
     from chromobatch.store.db import connect
 
-    database = connect(settings(db=db).db)
-    try:
+    with connect(settings(db=db).db) as database:
         row = promote(database, version, reason=reason)
-    finally:
-        database.dispose()
     typer.echo(f"model {row.name} {row.version} (id {row.id}) is now active")
 
 
@@ -94,11 +88,8 @@ def models_rollback(
     from chromobatch.registry.promote import rollback
     from chromobatch.store.db import connect
 
-    database = connect(settings(db=db).db)
-    try:
+    with connect(settings(db=db).db) as database:
         old, new = rollback(database, reason=reason)
-    finally:
-        database.dispose()
     typer.echo(f"retired {old.name} {old.version} (id {old.id}); {new.name} {new.version} (id {new.id}) is "
                "active again")
 

@@ -59,8 +59,7 @@ def label(
     if not show_history and import_csv is None and (chromosome is None or as_label is None):
         raise ChromobatchError("give --chromosome N --as LABEL (with --cell), --import FILE, or --history")
     cfg = settings(db=db, reviewer=reviewer)
-    database = connect(cfg.db)
-    try:
+    with connect(cfg.db) as database:
         if show_history:
             _print_history(database, case_id)
         elif import_csv is not None:
@@ -70,8 +69,6 @@ def label(
             assert chromosome is not None and as_label is not None
             _print_changes([set_label(database, case_id, cell=cell, chromosome=chromosome, label=as_label,
                                       reviewer=cfg.reviewer)], f"case {case_id}")
-    finally:
-        database.dispose()
 
 
 @friendly
@@ -87,8 +84,7 @@ def review(
     from chromobatch.store.db import connect
 
     cfg = settings(db=db, reviewer=reviewer)
-    database = connect(cfg.db)
-    try:
+    with connect(cfg.db) as database:
         if accept:
             _print_changes(accept_predictions(database, case_id, reviewer=cfg.reviewer), f"case {case_id}")
             return
@@ -101,8 +97,6 @@ def review(
                         fg=typer.colors.YELLOW)
             for file, reason in not_used:
                 typer.secho(f"  {file}: {reason}", fg=typer.colors.YELLOW)
-    finally:
-        database.dispose()
 
 
 @friendly
@@ -110,9 +104,6 @@ def history(case_id: Annotated[str, typer.Argument(help="Case ID.")], db: DbOpt 
     """Print a case's label audit trail: every label, who set it, when, and the value it replaced."""
     from chromobatch.store.db import connect
 
-    database = connect(settings(db=db).db)
-    try:
+    with connect(settings(db=db).db) as database:
         _print_history(database, case_id)
-    finally:
-        database.dispose()
 

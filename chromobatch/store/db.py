@@ -344,6 +344,13 @@ class Database:
     def dispose(self) -> None:
         self.engine.dispose()
 
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """`with connect(url) as database:` closes the engine's connections however the block ends."""
+        self.dispose()
+
 
 def connect(db: str | Path, *, migrate: bool | None = None) -> Database:
     """Open a database; SQLite files are migrated to the newest schema automatically.
