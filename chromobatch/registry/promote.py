@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from chromobatch.errors import ModelError
 from chromobatch.store.db import Database, ModelVersion, utcnow
+from chromobatch.store.states import ModelStatus
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,12 @@ def note_event(row: ModelVersion, event: str, reason: str | None, at: datetime) 
 def activate(s: Session, row: ModelVersion, reason: str, event: str = "promoted") -> None:
     """Make `row` the one active model: whatever was active is retired, in the same transaction."""
     now = utcnow()
-    others = (s.query(ModelVersion).filter(ModelVersion.status == "active", ModelVersion.id != row.id)
+    others = (s.query(ModelVersion).filter(ModelVersion.status == ModelStatus.ACTIVE, ModelVersion.id != row.id)
               .with_for_update().all())
     for other in others:
-        other.status = "retired"
+        other.status = ModelStatus.RETIRED
         note_event(other, "retired", f"replaced by {row.name} {row.version}", now)
-    row.status, row.promoted_at, row.reason = "active", now, reason
+    row.status, row.promoted_at, row.reason = ModelStatus.ACTIVE, now, reason
     note_event(row, event, reason, now)
 
 
@@ -73,7 +74,7 @@ def promote(database: Database, ref: str, *, reason: str | None = None) -> Model
     """Make a model version active by hand (the watchers switch to it before their next case)."""
     with database.session() as s:
         row = find_version(s, ref)
-        if row.status == "active":
+        if row.status == ModelStatus.ACTIVE:
             raise ModelError(f"model {row.name} {row.version} is already the active one")
         activate(s, row, reason or "promoted by hand")
     log.info("model %s %s (id %d) promoted", row.name, row.version, row.id)
@@ -87,7 +88,7 @@ def rollback(database: Database, *, reason: str | None = None) -> tuple[ModelVer
     Returns (retired, reactivated).
     """
     with database.session() as s:
-        current = (s.query(ModelVersion).filter_by(status="active").order_by(ModelVersion.id.desc())
+        current = (s.query(ModelVersion).filter_by(status=ModelStatus.ACTIVE).order_by(ModelVersion.id.desc())
                    .with_for_update().first())
         if current is None:
             raise ModelError("no active model to roll back")
@@ -96,7 +97,7 @@ def rollback(database: Database, *, reason: str | None = None) -> tuple[ModelVer
             times = [h["at"] for h in (r.metrics or {}).get("history", []) if h.get("event") == "retired"]
             return max(times) if times else (r.promoted_at.isoformat() if r.promoted_at else "")
 
-        previous = [r for r in s.query(ModelVersion).filter(ModelVersion.status == "retired",
+        previous = [r for r in s.query(ModelVersion).filter(ModelVersion.status == ModelStatus.RETIRED,
                                                             ModelVersion.promoted_at.isnot(None))]
         if not previous:
             raise ModelError("no previously active model to roll back to",

@@ -17,6 +17,7 @@ from chromobatch.ml.device import resolve_device
 from chromobatch.ml.folders import LoadedModel, load_model
 from chromobatch.ml.predict import Predictor
 from chromobatch.store.db import Database, ModelVersion, active_model, utcnow
+from chromobatch.store.states import ModelStatus
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "default"
 
 
-def register_model(database: Database, model: LoadedModel, *, status: str = "candidate",
+def register_model(database: Database, model: LoadedModel, *, status: str = ModelStatus.CANDIDATE,
                    name: str | None = None) -> ModelVersion:
     """Find the model version with these weights, or add it (the first model of a database becomes active)."""
     try:
@@ -42,7 +43,7 @@ def _register(database: Database, model: LoadedModel, status: str, name: str | N
         row = s.query(ModelVersion).filter_by(sha256=model.sha256).order_by(ModelVersion.id).first()
         if row is not None:
             return row
-        has_active = s.query(ModelVersion).filter_by(status="active").first() is not None
+        has_active = s.query(ModelVersion).filter_by(status=ModelStatus.ACTIVE).first() is not None
         meta = model.meta
         name = name or str(meta.get("name") or model.folder.name)
         version = str(meta.get("version") or model.sha256[:12])
@@ -56,8 +57,8 @@ def _register(database: Database, model: LoadedModel, status: str, name: str | N
             name=name, version=version,
             backbone=str(meta["backbone"]), file=str(model.folder.resolve()), sha256=model.sha256,
             metrics=dict(meta.get("metrics") or {}),
-            status="active" if (status == "active" or not has_active) else status)
-        if row.status == "active":
+            status=ModelStatus.ACTIVE if (status == ModelStatus.ACTIVE or not has_active) else status)
+        if row.status == ModelStatus.ACTIVE:
             row.promoted_at = utcnow()
         s.add(row)
         s.flush()

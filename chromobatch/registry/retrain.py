@@ -33,6 +33,7 @@ from chromobatch.registry.lock import TrainingLock, default_lock_path
 from chromobatch.registry.promote import activate, note_event
 from chromobatch.registry.register import register_model
 from chromobatch.store.db import Case, Chromosome, Database, Label, ModelVersion, active_model, utcnow
+from chromobatch.store.states import ModelStatus
 from chromobatch.training.distributed import broadcast_object, init_distributed, shutdown
 from chromobatch.training.records import Record
 
@@ -320,8 +321,8 @@ def _register_and_decide(database: Database, opts: RetrainOptions, data: Trainin
                          version: str, out: Path, device: str, t0: float) -> RetrainResult:
     """Register the trained folder as a candidate, measure it and the active model on the validation
     patients, and promote it or keep it, with the reason and the measurements in its registry row."""
-    row = register_model(database, load_model(out, device="cpu"), status="candidate", name=opts.name)
-    auto_active = row.status == "active"
+    row = register_model(database, load_model(out, device="cpu"), status=ModelStatus.CANDIDATE, name=opts.name)
+    auto_active = row.status == ModelStatus.ACTIVE
     cand_metrics = _evaluate(out, data.val, device) if data.val else None
     active_metrics, active_error, active_file = _evaluate_active(database, row.id, data, device)
     if auto_active or active_file is None:
@@ -341,12 +342,12 @@ def _register_and_decide(database: Database, opts: RetrainOptions, data: Trainin
         if promote_it:
             activate(s, fresh, reason)
         else:
-            fresh.status, fresh.reason = "candidate", reason
+            fresh.status, fresh.reason = ModelStatus.CANDIDATE, reason
             note_event(fresh, "kept", reason, utcnow())
         status = fresh.status
     log.info("model %s %s (id %d): %s", opts.name, version, row.id, reason)
     return RetrainResult(version_id=row.id, name=opts.name, version=version, status=status,
-                         promoted=status == "active", reason=reason, model_dir=out,
+                         promoted=status == ModelStatus.ACTIVE, reason=reason, model_dir=out,
                          candidate_metrics=cand_metrics or {}, active_metrics=active_metrics,
                          data=info, seconds=time.perf_counter() - t0)
 

@@ -25,6 +25,7 @@ from chromobatch.service.readiness import ReadyTracker
 from chromobatch.service.stopping import StopFlag
 from chromobatch.store import jobs
 from chromobatch.store.db import Database, utcnow
+from chromobatch.store.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Scanner:
         age = (utcnow() - result.finished_at).total_seconds() if result.finished_at else float("inf")
         if age < self.settings.stale_after_seconds:
             return False  # its worker is probably moving it right now; look again later
-        dest_root = self.paths.processed if result.job_state == "done" else self.paths.failed
+        dest_root = self.paths.processed if result.job_state == JobState.DONE else self.paths.failed
         dest = move_case(folder, dest_root)
         if dest is not None:
             jobs.set_case_location(self.database, result.case_id, dest)

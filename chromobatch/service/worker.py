@@ -30,6 +30,7 @@ from chromobatch.service.casefolders import WatchPaths, move_case, write_error_f
 from chromobatch.service.stopping import StopFlag
 from chromobatch.store import jobs
 from chromobatch.store.db import Database, utcnow
+from chromobatch.store.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class Worker:
         out = jobs.reclaim_stale(self.database, stale_after=self.settings.stale_after_seconds,
                                  max_attempts=self.settings.max_attempts)
         for r in out:
-            if r.state == "queued":
+            if r.state == JobState.QUEUED:
                 log.warning("case %s: job %d of worker %s lost its heartbeat; queued again", r.case_id, r.id,
                             r.worker)
             else:
@@ -291,7 +292,7 @@ class Worker:
         state = jobs.record_failure(self.database, job.id, self.name, error,
                                     max_attempts=self.settings.max_attempts, permanent=permanent)
         where = f"[job {job.id}, attempt {job.attempts}/{self.settings.max_attempts}, {self.name}]"
-        if state == "failed":
+        if state == JobState.FAILED:
             if self._still_changing(job, folder):
                 return
             dest = self._move(folder, self.paths.failed, job.case_id)
@@ -299,10 +300,10 @@ class Worker:
                 write_error_file(dest, f"case {job.case_id} failed: {error}")
             log.warning("case %s: failed after %.2fs: %s; folder -> %s %s", job.case_id, elapsed, error,
                         dest or "(gone)", where)
-        elif state == "queued":
+        elif state == JobState.QUEUED:
             log.warning("case %s: attempt failed after %.2fs, will retry: %s %s", job.case_id, elapsed, error,
                         where)
-        elif state == "done":  # the results were committed before the error: the case is finished
+        elif state == JobState.DONE:  # the results were committed before the error: the case is finished
             self._move(folder, self.paths.processed, job.case_id)
             log.warning("case %s: done, but a later step failed: %s %s", job.case_id, error, where)
         else:
