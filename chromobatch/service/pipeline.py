@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from chromobatch import CLASSES
@@ -88,6 +89,57 @@ def _cell_references(s: Session, scanned: ScannedCase, predictor: Predictor) -> 
     return median_lengths, rel_by_sha
 
 
+@dataclass
+class _Stored:
+    """A crop of an earlier delivery that this model has not predicted yet (or `force`)."""
+
+    sha256: str
+    cell: str
+    crop_png: bytes
+    length: int  # max(width, height): the cell-mode median the write transaction would use
+
+
+def _stored_to_predict(s: Session, scanned: ScannedCase, predictor: Predictor, force: bool
+                       ) -> tuple[list[_Stored], dict[str, list[int]]]:
+    """Crops stored by earlier deliveries that need this model's prediction, and every stored crop's length by
+    cell; read here so that the forward pass runs before the write transaction, not inside it."""
+    in_folder = {a.sha256 for a in scanned.accepted}
+    q = (select(Chromosome.id, Chromosome.sha256, Cell.name, Chromosome.width, Chromosome.height)
+         .join(Cell, Cell.id == Chromosome.cell_id).join(Case, Case.id == Chromosome.case_pk)
+         .where(Case.case_id == scanned.case_id))
+    lengths: dict[str, list[int]] = defaultdict(list)
+    wanted: dict[int, tuple[str, str, int]] = {}
+    done: set[int] = set() if force else {cid for (cid,) in s.execute(
+        select(Prediction.chromosome_id).join(Chromosome, Chromosome.id == Prediction.chromosome_id)
+        .join(Case, Case.id == Chromosome.case_pk)
+        .where(Case.case_id == scanned.case_id, Prediction.model_version_id == predictor.version_id))}
+    for chrom_id, sha, cell, w, h in s.execute(q):
+        if sha in in_folder:
+            continue
+        lengths[cell].append(max(w, h))
+        if chrom_id not in done:
+            wanted[chrom_id] = (sha, cell, max(w, h))
+    stored = [_Stored(wanted[cid][0], wanted[cid][1], png, wanted[cid][2]) for cid, png in
+              s.execute(select(Chromosome.id, Chromosome.crop_png).where(Chromosome.id.in_(list(wanted))))]
+    return stored, lengths
+
+
+def _predict_stored(earlier: tuple[list[_Stored], dict[str, list[int]]], scanned: ScannedCase,
+                    predictor: Predictor, rel_inks: dict[str, float]) -> dict[str, np.ndarray]:
+    """Probabilities for the crops of earlier deliveries, with the same inputs the write transaction used to
+    give them: the cell's median max(width, height) over everything it holds, and its relative ink."""
+    stored, lengths = earlier
+    if not stored:
+        return {}
+    for a in scanned.accepted:
+        lengths[a.cell].append(max(a.crop.shape))
+    use_cell = predictor.model.spec.mode == "cell"
+    medians = [float(np.median(lengths[x.cell])) if use_cell else None for x in stored]
+    probs = predictor.predict([decode_png(x.crop_png) for x in stored], medians,
+                              [rel_inks.get(x.sha256, math.nan) for x in stored] if rel_inks else None)
+    return {x.sha256: p for x, p in zip(stored, probs, strict=True)}
+
+
 def _already_done(s: Session, scanned: ScannedCase, predictor: Predictor) -> Case | None:
     case = s.query(Case).filter_by(case_id=scanned.case_id).one_or_none()
     if case is None or case.status != CaseStatus.DONE or case.model_version_id != predictor.version_id:
@@ -128,10 +180,12 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
             return ProcessResult(case_id=scanned.case_id, status="skipped", karyotype=done.karyotype,
                                  rejected=dict(scanned.rejected))
         medians, rel_inks = _cell_references(s, scanned, predictor)
+        earlier = _stored_to_predict(s, scanned, predictor, force)
     probs = predictor.predict([a.crop for a in scanned.accepted],
                               [medians.get(a.cell) for a in scanned.accepted] if medians else None,
                               [rel_inks[a.sha256] for a in scanned.accepted] if rel_inks else None)
     by_sha = {a.sha256: p for a, p in zip(scanned.accepted, probs, strict=True)}
+    by_sha.update(_predict_stored(earlier, scanned, predictor, rel_inks))
     t_predict = time.perf_counter()
     with database.session() as s:
         ingest = store_in_session(s, scanned, status=CaseStatus.PROCESSING)
@@ -202,7 +256,7 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
         if not chroms:
             continue
         missing = [c for c in chroms if c.sha256 not in by_sha and (force or c.id not in existing)]
-        if missing:  # stored earlier, not in this folder: predict from the stored crops
+        if missing:  # stored by a delivery that committed while this one predicted: predict them here
             med = float(np.median([max(c.width, c.height) for c in chroms]))
             use_cell = predictor.model.spec.mode == "cell"
             probs_missing = predictor.predict([decode_png(c.crop_png) for c in missing],

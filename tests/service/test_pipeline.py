@@ -148,3 +148,43 @@ def test_process_case_on_postgres(pg_url: str, tmp_path: Path, tiny_model_dir: P
     with database.session() as s:
         assert s.query(db.Prediction).count() == 12
     database.dispose()
+
+
+def test_crops_of_an_earlier_delivery_are_predicted_outside_the_write_transaction(
+        sqlite_path: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A second delivery of a case (one new file) re-predicts the crops the first one stored (force): the
+    forward pass over them must not hold the database's write lock, or every other worker waits for it."""
+    import sqlite3
+
+    settings = load_settings({"db": str(sqlite_path), "model": str(tiny_model_dir), "device": "cpu"})
+    first = tmp_path / "one" / "CASE9"
+    for k in range(4):
+        write_png(first / "cell1" / f"k{k}.png", chromosome_array(20 + 5 * k, 8, seed=k))
+    database = db.connect(sqlite_path)
+    predictor = load_predictor(database, settings)
+    process_case(database, first, predictor=predictor, settings=settings)
+    second = tmp_path / "two" / "CASE9"
+    write_png(second / "cell1" / "late.png", chromosome_array(44, 8, seed=9))
+
+    calls: list[tuple[int, bool]] = []
+    predict = predictor.predict
+
+    def predict_and_try_to_write(crops, *args, **kwargs):  # type: ignore[no-untyped-def]
+        other = sqlite3.connect(sqlite_path, timeout=0.05, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # fails while another connection holds the write lock
+            other.execute("ROLLBACK")
+            free = True
+        except sqlite3.OperationalError:
+            free = False
+        finally:
+            other.close()
+        calls.append((len(crops), free))
+        return predict(crops, *args, **kwargs)
+
+    predictor.predict = predict_and_try_to_write  # type: ignore[method-assign]
+    result = process_case(database, second, predictor=predictor, settings=settings, force=True)
+    database.dispose()
+    assert result.status == "done" and result.n_chromosomes == 5
+    assert (4, True) in calls  # the four stored crops, predicted while the database was free
+    assert all(free for _, free in calls), calls
