@@ -25,7 +25,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from chromobatch import validate_case_id
-from chromobatch.store.db import Case, Database, Job, RejectedFile, active_model, rowcount, utcnow
+from chromobatch.store.db import Case, Database, Job, RejectedFile, active_model, aware, rowcount, utcnow
 from chromobatch.store.reports import missing_reports
 from chromobatch.store.states import CaseStatus, JobState
 
@@ -70,13 +70,6 @@ class ReclaimedJob:
     path: str
     state: str  # queued (will be retried) | failed (attempts used up)
     worker: str | None
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes (stored as UTC); make them comparable with utcnow()."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
 
 
 def last_change(folder: Path) -> datetime | None:
@@ -133,10 +126,10 @@ def enqueue(database: Database, case_dir: Path) -> EnqueueResult:
             return EnqueueResult("gone", case_id)
         last = s.execute(select(Job).where(Job.case_pk == case.id).order_by(Job.id.desc()).limit(1)
                          ).scalar_one_or_none()
-        started = _aware(last.started_at) if last is not None else None
+        started = aware(last.started_at) if last is not None else None
         if last is not None and last.path == path and started is not None and changed < started:
             # Nothing in the folder changed since that job picked it up: it is that job's folder, left behind.
-            return EnqueueResult("leftover", case_id, last.id, last.state, _aware(last.finished_at))
+            return EnqueueResult("leftover", case_id, last.id, last.state, aware(last.finished_at))
         job = Job(case_pk=case.id, path=path, state=JobState.QUEUED, attempts=0, created_at=utcnow())
         s.add(job)
         case.source_path = path
@@ -168,7 +161,7 @@ def claim(database: Database, worker: str) -> ClaimedJob | None:
                             .where(Job.id == job_id)).one()
             job, case_id = row
             return ClaimedJob(job.id, job.case_pk, case_id, job.path, job.attempts, worker[:128],
-                              _aware(job.created_at), _aware(job.started_at))
+                              aware(job.created_at), aware(job.started_at))
     return None
 
 
@@ -268,12 +261,12 @@ def outstanding(database: Database) -> int:
 
 
 def _age_s(now: datetime, then: datetime | None) -> float | None:
-    then = _aware(then)
+    then = aware(then)
     return None if then is None else round((now - then).total_seconds(), 1)
 
 
 def _iso(value: datetime | None) -> str | None:
-    value = _aware(value)
+    value = aware(value)
     return value.isoformat(timespec="seconds") if value is not None else None
 
 

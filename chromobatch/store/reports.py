@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, and_, exists, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
 
 from chromobatch.faults import backoff
-from chromobatch.store.db import Case, Database, Job, rowcount, utcnow
+from chromobatch.store.db import Case, Database, Job, aware, rowcount, utcnow
 from chromobatch.store.states import CaseStatus, JobState
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,7 @@ def record_report(database: Database, case_id: str, *, path: Path | None = None,
             case.report_attempts, case.report_next_at = 0, None
         else:
             case.report_error = error[:MAX_ERROR_CHARS]
-            next_at = case.report_next_at
-            if next_at is not None and next_at.tzinfo is None:  # SQLite hands back naive UTC
-                next_at = next_at.replace(tzinfo=UTC)
+            next_at = aware(case.report_next_at)
             if next_at is None or next_at <= now:  # not claimed (the pipeline's own first rendering)
                 case.report_attempts = (case.report_attempts or 0) + 1
                 case.report_next_at = now + timedelta(seconds=retry_delay(case.report_attempts))
@@ -101,8 +99,6 @@ def record_report(database: Database, case_id: str, *, path: Path | None = None,
 
 def missing_reports(database: Database, *, limit: int = 10) -> tuple[int, list[MissingReport]]:
     """How many done cases have no current report, and the oldest `limit` of them."""
-    from sqlalchemy import func
-
     with database.session() as s:
         total = int(s.execute(select(func.count()).select_from(Case).where(_due())).scalar_one())
         rows = s.execute(select(Case).where(_due()).order_by(Case.processed_at).limit(limit)).scalars()
