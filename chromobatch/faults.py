@@ -28,7 +28,8 @@ def transient_reason(exc: BaseException) -> str | None:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:  # the error, or what caused it
         seen.add(id(current))
-        if isinstance(current, OperationalError | InterfaceError | DisconnectionError):
+        if isinstance(current, InterfaceError | DisconnectionError) or (
+                isinstance(current, OperationalError) and _passing(current.orig)):
             return f"database: {str(getattr(current, 'orig', None) or current).splitlines()[0][:300]}"
         if isinstance(current, DBAPIError) and current.connection_invalidated:
             return f"database connection lost: {str(current.orig).splitlines()[0][:300]}"
@@ -37,6 +38,25 @@ def transient_reason(exc: BaseException) -> str | None:
             return f"{current.strerror or errno.errorcode.get(current.errno or 0, 'OSError')}{where}"
         current = current.__cause__ or current.__context__
     return None
+
+
+#: SQLite result codes of a fault that passes (busy or locked, a full disk, read-only, I/O, cannot open).
+SQLITE_PASSING = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_READONLY", "SQLITE_IOERR",
+                  "SQLITE_CANTOPEN", "SQLITE_PROTOCOL")
+#: PostgreSQL SQLSTATE classes and codes of the same kind: connection, resources, operator intervention,
+#: serialization failure and deadlock (the transaction is tried again as a whole).
+PG_PASSING = ("08", "53", "57P", "40001", "40P01")
+
+
+def _passing(orig: BaseException | None) -> bool:
+    """An OperationalError is also what SQLite raises for 'no such column': only the driver's code tells."""
+    name = getattr(orig, "sqlite_errorname", None)
+    if name is not None:
+        return str(name).startswith(SQLITE_PASSING)
+    state = getattr(orig, "sqlstate", None)
+    if state is not None:
+        return str(state).startswith(PG_PASSING)
+    return True  # a driver error without a code (a connection that failed to open): treat as passing
 
 
 def backoff(tries: int, *, first: float, cap: float) -> float:

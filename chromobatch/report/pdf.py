@@ -21,6 +21,7 @@ from xml.sax.saxutils import escape
 from chromobatch import CLASSES, __version__
 from chromobatch.report.layout import KARYOGRAM_SIZE, abnormal_classes, font_path
 from chromobatch.report.view import INCOMPLETE_FLAG, NOT_PROVIDED, CaseView, CellView, incomplete_note
+from chromobatch.store.db import aware
 from chromobatch.store.states import LabelSource
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,7 @@ def _pdf_fonts() -> tuple[str, str]:
 def _fmt_time(value: datetime | None) -> str:
     if value is None:
         return NOT_PROCESSED
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return aware(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _fmt_tag(key: str, value: Any) -> str:

@@ -119,6 +119,8 @@ def _stored_to_predict(s: Session, scanned: ScannedCase, predictor: Predictor, f
         lengths[cell].append(max(w, h))
         if chrom_id not in done:
             wanted[chrom_id] = (sha, cell, max(w, h))
+    if not wanted:
+        return [], lengths
     stored = [_Stored(wanted[cid][0], wanted[cid][1], png, wanted[cid][2]) for cid, png in
               s.execute(select(Chromosome.id, Chromosome.crop_png).where(Chromosome.id.in_(list(wanted))))]
     return stored, lengths
@@ -200,7 +202,7 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
     t_commit = time.perf_counter()
     result.rejected = dict(scanned.rejected)
     if reports_dir is not None:
-        result.report_path = _render_report(database, result.case_id, Path(reports_dir))
+        result.report_path = render_and_record(database, result.case_id, Path(reports_dir))
     t_end = time.perf_counter()
     result.timings = {"scan": t_scan - t0, "predict": t_predict - t_scan, "store": t_commit - t_predict,
                       "report": t_end - t_commit, "total": t_end - t0}
@@ -304,9 +306,3 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
     case.model_version_id = predictor.version_id
     return ProcessResult(case_id=case.case_id, status="done", n_chromosomes=n_total, n_cells=len(cell_results),
                          karyotype=case.karyotype)
-
-
-def _render_report(database: Database, case_id: str, reports_dir: Path) -> Path | None:
-    """The report follows the commit: a failed rendering is logged and recorded, the results stay, and the
-    case stays due for a report (`reportstep`) until one is written."""
-    return render_and_record(database, case_id, reports_dir)

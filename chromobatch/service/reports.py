@@ -18,7 +18,7 @@ from chromobatch.store.reports import record_report
 log = logging.getLogger(__name__)
 
 
-def render_and_record(database: Database, case_id: str, reports_dir: Path) -> Path | None:
+def render_and_record(database: Database, case_id: str, reports_dir: Path, *, claimed: bool = False) -> Path | None:
     """Render a case's report into reports_dir and record the outcome; never raises for a rendering failure.
 
     The results are committed before this runs: whatever the renderer or the disk does, they stand.
@@ -45,7 +45,7 @@ def render_and_record(database: Database, case_id: str, reports_dir: Path) -> Pa
     if error is not None:
         log.error("case %s: report not rendered: %s; it will be tried again", case_id, error)
     try:
-        record_report(database, case_id, path=pdf, error=error)
+        record_report(database, case_id, path=pdf, error=error, claimed=claimed)
     except SQLAlchemyError as exc:
         log.error("case %s: could not record the report's outcome: %s (the report stays due)", case_id,
                   str(getattr(exc, "orig", None) or exc)[:300])

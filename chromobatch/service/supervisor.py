@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from chromobatch.config import ENV_PREFIX, Settings
+from chromobatch.faults import backoff
 from chromobatch.service.casefolders import WatchPaths
 from chromobatch.service.scanner import Scanner
 from chromobatch.service.stopping import StopFlag
@@ -154,7 +155,7 @@ class Supervisor:
             self.forward()
             return False
         # 1 s after a long life or a first quick death, then 2 s, 4 s, ... up to the cap
-        delay = min(CHILD_RESTART_DELAY_MAX_S, CHILD_RESTART_DELAY_S * 2 ** max(child.quick_failures - 1, 0))
+        delay = backoff(child.quick_failures, first=CHILD_RESTART_DELAY_S, cap=CHILD_RESTART_DELAY_MAX_S)
         child.restart_at = now + delay
         log.error("worker process %d (pid %d) exited with code %s after %.1fs; starting a new one in %gs",
                   child.index, child.proc.pid, rc, lived, delay)

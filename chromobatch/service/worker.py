@@ -166,7 +166,7 @@ class Worker:
         for case_id in claim_due_reports(self.database, busy_after=self.settings.stale_after_seconds):
             if self.stop.is_set():
                 break
-            if render_and_record(self.database, case_id, self.paths.reports) is not None:
+            if render_and_record(self.database, case_id, self.paths.reports, claimed=True) is not None:
                 log.info("case %s: report rendered (it was missing)", case_id)
                 done += 1
         return done

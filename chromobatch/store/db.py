@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import (
     JSON,
@@ -52,6 +52,14 @@ MIGRATIONS_DIR = _migrations_dir()
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@overload
+def aware(value: datetime) -> datetime: ...
+
+
+@overload
+def aware(value: None) -> None: ...
 
 
 def aware(value: datetime | None) -> datetime | None:

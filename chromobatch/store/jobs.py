@@ -288,14 +288,11 @@ def queue_status(database: Database, *, recent: int = 10, failed: int = 10) -> d
              "error": j.error}
             for j, cid in s.execute(select(Job, Case.case_id).join(Case, Case.id == Job.case_pk)
                                     .where(Job.state == JobState.FAILED).order_by(Job.id.desc()).limit(failed))]
-        cases = [
-            {"case_id": c.case_id, "status": c.status, "karyotype": c.karyotype,
-             "processed_at": _iso(c.processed_at), "error": c.error}
-            for c in s.execute(select(Case).order_by(func.coalesce(Case.processed_at, Case.received_at).desc(),
-                                                     Case.id.desc()).limit(recent)).scalars()]
-        recent_pks = [pk for (pk,) in s.execute(
-            select(Case.id).order_by(func.coalesce(Case.processed_at, Case.received_at).desc(), Case.id.desc())
-            .limit(recent))]
+        recent_rows = list(s.execute(select(Case).order_by(
+            func.coalesce(Case.processed_at, Case.received_at).desc(), Case.id.desc()).limit(recent)).scalars())
+        cases = [{"case_id": c.case_id, "status": c.status, "karyotype": c.karyotype,
+                  "processed_at": _iso(c.processed_at), "error": c.error} for c in recent_rows]
+        recent_pks = [c.id for c in recent_rows]
         not_used = [
             {"case_id": cid, "file": r.source_file, "reason": r.reason}
             for r, cid in s.execute(select(RejectedFile, Case.case_id).join(Case, Case.id == RejectedFile.case_pk)

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
 
 from chromobatch.faults import backoff
-from chromobatch.store.db import Case, Database, Job, aware, rowcount, utcnow
+from chromobatch.store.db import Case, Database, Job, rowcount, utcnow
 from chromobatch.store.states import CaseStatus, JobState
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ MAX_ERROR_CHARS = 1000
 @dataclass(frozen=True)
 class MissingReport:
     case_id: str
-    processed_at: datetime | None
     attempts: int
     error: str | None
     next_at: datetime | None
@@ -79,8 +78,10 @@ def claim_due_reports(database: Database, *, busy_after: float, limit: int = 5) 
     return claimed
 
 
-def record_report(database: Database, case_id: str, *, path: Path | None = None, error: str | None = None) -> None:
-    """Record a rendered report (path) or a failed rendering (error; the next try was set by the claim)."""
+def record_report(database: Database, case_id: str, *, path: Path | None = None, error: str | None = None,
+                  claimed: bool = False) -> None:
+    """Record a rendered report (path) or a failed rendering (error). A claimed try (claim_due_reports) has
+    its next try set already; the pipeline's first rendering sets one here."""
     now = utcnow()
     with database.session() as s:
         case = s.execute(select(Case).where(Case.case_id == case_id)).scalar_one_or_none()
@@ -91,8 +92,7 @@ def record_report(database: Database, case_id: str, *, path: Path | None = None,
             case.report_attempts, case.report_next_at = 0, None
         else:
             case.report_error = error[:MAX_ERROR_CHARS]
-            next_at = aware(case.report_next_at)
-            if next_at is None or next_at <= now:  # not claimed (the pipeline's own first rendering)
+            if not claimed:
                 case.report_attempts = (case.report_attempts or 0) + 1
                 case.report_next_at = now + timedelta(seconds=retry_delay(case.report_attempts))
 
@@ -102,6 +102,6 @@ def missing_reports(database: Database, *, limit: int = 10) -> tuple[int, list[M
     with database.session() as s:
         total = int(s.execute(select(func.count()).select_from(Case).where(_due())).scalar_one())
         rows = s.execute(select(Case).where(_due()).order_by(Case.processed_at).limit(limit)).scalars()
-        items = [MissingReport(c.case_id, c.processed_at, c.report_attempts or 0, c.report_error, c.report_next_at)
+        items = [MissingReport(c.case_id, c.report_attempts or 0, c.report_error, c.report_next_at)
                  for c in rows]
     return total, items

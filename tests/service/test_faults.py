@@ -208,6 +208,9 @@ def test_transient_reason_tells_a_passing_fault_from_a_bug(tmp_path: Path) -> No
     wrapped = OperationalError("INSERT", {}, raw.value)
     assert "readonly database" in (transient_reason(wrapped) or "")
     assert "No space left" in (transient_reason(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/r/a.pdf")) or "")
+    with pytest.raises(sqlite3.OperationalError) as bug:  # also an OperationalError, but it never passes
+        ro.execute("SELECT nosuch FROM t")
+    assert transient_reason(OperationalError("SELECT", {}, bug.value)) is None
     assert transient_reason(ValueError("a bug")) is None
     assert transient_reason(OSError(errno.ENOENT, "gone")) is None
 
