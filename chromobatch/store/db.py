@@ -116,6 +116,14 @@ class Cell(Base):
     case_pk: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(256))
     index: Mapped[int] = mapped_column(Integer, default=0)
+    #: Whole metaphase input only (else None): the file the cell came from, its content hash, the image as
+    #: stored (normalised greyscale PNG, for the report's outlined metaphase), how many chromosomes were
+    #: counted in it and the segmentation's notes ({"segmenter": ..., "clusters": [...], ...}).
+    source_file: Mapped[str | None] = mapped_column(Text)
+    source_sha256: Mapped[str | None] = mapped_column(String(64))
+    image_png: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    count: Mapped[int | None] = mapped_column(Integer)
+    segmentation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     case: Mapped[Case] = relationship(back_populates="cells")
     chromosomes: Mapped[list[Chromosome]] = relationship(back_populates="cell", cascade="all, delete-orphan",
@@ -137,6 +145,14 @@ class Chromosome(Base):
     #: Polarity of the source image: dark_on_light (G-band) or bright_on_dark (Q-band).
     polarity: Mapped[str] = mapped_column(String(16))
     crop_png: Mapped[bytes] = mapped_column(LargeBinary)
+    #: Cut from a whole metaphase only (else None): the instance number in its cell's image, the bounding
+    #: box [x0, y0, x1, y1] and outline polygon [[x, y], ...] in that image, and flags such as
+    #: {"cluster": N} for an object kept whole because it holds about N chromosomes. sha256 is then the
+    #: instance's own content identity (source file hash + its mask), so two chromosomes of one file differ.
+    instance: Mapped[int | None] = mapped_column(Integer)
+    box: Mapped[list[Any] | None] = mapped_column(JSON)
+    polygon: Mapped[list[Any] | None] = mapped_column(JSON)
+    flags: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     cell: Mapped[Cell] = relationship(back_populates="chromosomes")
