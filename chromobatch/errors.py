@@ -98,3 +98,23 @@ class TrainingLocked(ChromobatchError):
 
     hint = "Another `chromobatch train --db` is running; this run did nothing. Try again when it has finished."
     exit_code = LOCKED_EXIT_CODE
+
+
+class CaseSigned(ReviewError):
+    """A change to a case that is signed off: it is read-only until a reviewer reopens it."""
+
+    hint = "Reopen the case first (recorded with who and why), then change it."
+
+
+class InvalidKaryotype(ReviewError):
+    hint = "Write an ISCN karyotype: count,sex chromosomes[,changes], e.g. 47,XY,+21 or 46,XX."
+
+
+class UserError(ChromobatchError):
+    """A local account of the web review that cannot be created, found or changed as asked."""
+
+    hint = "List the accounts with `chromobatch users list`; roles are viewer, reviewer and admin."
+
+
+class WebError(ChromobatchError):
+    hint = "See `chromobatch serve --help`."

@@ -15,7 +15,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "chromobatch"
 BOTTOM = {"", "errors", "config", "files", "csvio", "faults"}
 LAYERS = {"store": 1, "intake": 2, "ml": 2, "training": 2, "karyotype": 2, "synth": 2, "segment": 2,
-          "service": 3, "registry": 3, "review": 3, "report": 3, "cli": 4}
+          "service": 3, "registry": 3, "review": 3, "report": 3, "web": 3, "cli": 4}
 
 
 def room(module: str) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy import func
 from sqlalchemy.orm import Session
 
 from chromobatch import normalise_label
@@ -198,6 +199,43 @@ def set_label(database: Database, case_id: str, *, cell: str | None, chromosome:
     log.info("case %s cell %d chromosome %d: label %s -> %s (%s)", case_id, change.cell_number, change.number,
              change.previous, change.label, "changed" if change.changed else "unchanged")
     return change
+
+
+@dataclass(frozen=True)
+class Relabel:
+    """One label set by chromosome id (the web review): the change, the new row's id, and the row someone else
+    wrote after the editor's page was loaded (None when the editor saw the newest label)."""
+
+    change: LabelChange
+    label_id: int | None
+    conflict: Label | None
+
+
+def relabel_in_session(s: Session, case: Case, wanted: dict[int, str], *, reviewer: str,
+                       seen: dict[int, int | None]) -> list[Relabel]:
+    """Set labels by chromosome id inside the caller's transaction (which holds the case: `get_case(lock=True)`).
+
+    Optimistic check: `seen` is the newest label id each chromosome had when the editor's page was loaded. A
+    different newest id means another reviewer changed it since; the new row still chains onto that newest row
+    (never forks the trail, both rows stay in the history) and the conflict is returned so the editor is told.
+    """
+    reviewer = _check_reviewer(reviewer)
+    labels = {cid: _label(text) for cid, text in wanted.items()}
+    refs = {r.chromosome_id: r for r in case_chromosomes(s, case)}
+    missing = [cid for cid in labels if cid not in refs]
+    if missing:
+        raise ChromosomeNotFound(f"case {case.case_id} has no chromosome with id {missing[0]}")
+    current = _newest_labels(s, case)
+    when = utcnow()
+    out = []
+    for cid, label in labels.items():
+        cur = current.get(cid)
+        conflict = cur if cid in seen and (cur.id if cur is not None else None) != seen[cid] else None
+        change = _write(s, refs[cid], label, reviewer, cur, when)
+        s.flush()
+        new_id = s.query(func.max(Label.id)).filter(Label.chromosome_id == cid).scalar() if change.changed else None
+        out.append(Relabel(change, new_id, conflict))
+    return out
 
 
 def _read_corrections(path: Path) -> tuple[list[str], list[dict[str, str]]]:

@@ -15,6 +15,7 @@ from typing import Any, overload
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -33,7 +34,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from chromobatch.errors import DatabaseError
-from chromobatch.store.states import CaseStatus, JobState, ModelStatus
+from chromobatch.store.states import CaseStatus, JobState, ModelStatus, ReviewState
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,10 @@ class Case(Base):
     report_error: Mapped[str | None] = mapped_column(Text)
     report_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     report_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The web review (migration 0005): unreviewed | in_review | signed, and the karyotype the reviewer typed.
+    review_state: Mapped[str] = mapped_column(String(16), default=ReviewState.UNREVIEWED,
+                                              server_default=ReviewState.UNREVIEWED.value, index=True)
+    reviewed_karyotype: Mapped[str | None] = mapped_column(Text)
 
     cells: Mapped[list[Cell]] = relationship(back_populates="case", cascade="all, delete-orphan",
                                              order_by="Cell.index")
@@ -124,6 +129,10 @@ class Cell(Base):
     image_png: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
     count: Mapped[int | None] = mapped_column(Integer)
     segmentation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The web review (migration 0005): counted (counted only) | analysed | None (not decided), and the
+    #: cell's karyotype as the reviewer typed it.
+    role: Mapped[str | None] = mapped_column(String(16))
+    reviewed_karyotype: Mapped[str | None] = mapped_column(Text)
 
     case: Mapped[Case] = relationship(back_populates="cells")
     chromosomes: Mapped[list[Chromosome]] = relationship(back_populates="cell", cascade="all, delete-orphan",
@@ -154,6 +163,9 @@ class Chromosome(Base):
     polygon: Mapped[list[Any] | None] = mapped_column(JSON)
     flags: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: Marked "not a chromosome" by a reviewer (debris, a nucleus): left out of counts, karyotypes and
+    #: training; every marking is a review_events row.
+    not_chromosome: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
     cell: Mapped[Cell] = relationship(back_populates="chromosomes")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="chromosome",
@@ -251,6 +263,50 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class User(Base):
+    """A local account of the web review (`chromobatch users`): a password hash, never the password."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    #: viewer | reviewer | admin
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(Text)
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    password_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SignOff(Base):
+    """A case signed (who, when, final karyotype, comment) or reopened; rows are only ever added."""
+
+    __tablename__ = "signoffs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_pk: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    #: signed | reopened
+    action: Mapped[str] = mapped_column(String(16))
+    user_name: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    karyotype: Mapped[str | None] = mapped_column(Text)
+    comment: Mapped[str | None] = mapped_column(Text)
+
+
+class ReviewEvent(Base):
+    """A review decision other than a label (those are Label rows): not a chromosome, a cell's role, a
+    typed karyotype. Append-only: the audit trail of the web review."""
+
+    __tablename__ = "review_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_pk: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    cell_id: Mapped[int | None] = mapped_column(ForeignKey("cells.id", ondelete="CASCADE"))
+    chromosome_id: Mapped[int | None] = mapped_column(ForeignKey("chromosomes.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    value: Mapped[str | None] = mapped_column(Text)
+    previous: Mapped[str | None] = mapped_column(Text)
+    user_name: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 # --------------------------------------------------------------------------------------------------

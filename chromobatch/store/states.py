@@ -32,3 +32,19 @@ class ModelStatus(StrEnum):
 class LabelSource(StrEnum):
     IMPORTED = "imported"
     REVIEWED = "reviewed"
+
+
+class ReviewState(StrEnum):
+    """Where a case stands in the web review: nobody looked, someone changed something, signed off."""
+
+    UNREVIEWED = "unreviewed"
+    IN_REVIEW = "in_review"
+    SIGNED = "signed"
+
+
+class UserRole(StrEnum):
+    """viewer: reads; reviewer: edits and signs; admin: a reviewer who may also reopen any case."""
+
+    VIEWER = "viewer"
+    REVIEWER = "reviewer"
+    ADMIN = "admin"
