@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from chromobatch.errors import EmptyCase
+from chromobatch.errors import EmptyCase, InputError
 from chromobatch.intake.imaging import MAX_PIXELS, encode_png
 from chromobatch.intake.scan import ScannedCase, scan_case
 from chromobatch.store.db import Case, Cell, Chromosome, Database, Label, RejectedFile, utcnow
@@ -80,6 +80,11 @@ def store_in_session(s: Session, scanned: ScannedCase, *, status: str = CaseStat
             cell = Cell(case_pk=case.id, name=name, index=len(cells))
             s.add(cell)
             cells[name] = cell
+    for name, src in scanned.cell_sources.items():
+        cell = cells[name] if name in cells else None
+        if cell is not None and cell.source_sha256 is None:  # a metaphase's cell keeps its first segmentation
+            cell.source_file, cell.source_sha256, cell.image_png = src.file, src.sha256, src.image_png
+            cell.count, cell.segmentation = src.count, src.segmentation
     s.flush()
     for a in scanned.accepted:
         if a.sha256 in existing:
@@ -87,11 +92,12 @@ def store_in_session(s: Session, scanned: ScannedCase, *, status: str = CaseStat
             continue
         s.add(Chromosome(case_pk=case.id, cell_id=cells[a.cell].id, source_file=a.file, sha256=a.sha256,
                          width=int(a.crop.shape[1]), height=int(a.crop.shape[0]), polarity=a.polarity,
-                         crop_png=encode_png(a.crop)))
+                         crop_png=encode_png(a.crop), instance=a.instance, box=a.box, polygon=a.polygon,
+                         flags=a.flags))
         added += 1
     s.flush()
     old_rejects = {r.source_file: r for r in case.rejected}
-    accepted_files = {a.file for a in scanned.accepted}
+    accepted_files = {a.file for a in scanned.accepted} | {m.file for m in scanned.metaphases}
     for file, r in old_rejects.items():
         if file in accepted_files:
             s.delete(r)
@@ -142,6 +148,10 @@ def ingest_case(database: Database, case_dir: Path, *, polarity: str = "auto",
                 max_pixels: int = MAX_PIXELS) -> IngestResult:
     """Scan a case folder and store it; raises EmptyCase (after recording it) when nothing is usable."""
     scanned = scan_case(Path(case_dir), polarity=polarity, max_pixels=max_pixels)
+    if scanned.metaphases:
+        raise InputError(f"case {scanned.case_id} holds whole metaphase images (e.g. {scanned.metaphases[0].file}), "
+                         "which must be cut into chromosomes first",
+                         hint="Use `chromobatch process CASE_DIR`, which segments, classifies and stores them.")
     for file, reason in sorted(scanned.rejected.items()):
         log.warning("case %s: rejected %s: %s", scanned.case_id, file, reason)
     return store_scanned(database, scanned)

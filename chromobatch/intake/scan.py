@@ -1,8 +1,11 @@
 """Scan a lab's case folder into validated chromosome records, without touching the database.
 
-A case folder holds image files (`CASE/<cell>/*.png|tif|bmp|jpg`, or flat `CASE/*` for one cell) or
-DICOM instances (each one chromosome crop; the cell is its SeriesInstanceUID), and optionally a
-`labels.csv` (file,label). A bad file never stops the case: it is recorded with its reason and the rest
+A case folder holds chromosome crops (`CASE/<cell>/*.png|tif|bmp|jpg`, or flat `CASE/*` for one cell),
+DICOM instances (each one chromosome crop; the cell is its SeriesInstanceUID), or whole metaphase images
+(`CASE/cellNN.<ext>`, one image per cell, or `CASE/<cell>/metaphase.<ext>`; a DICOM instance may hold one
+too), and optionally a `labels.csv` (file,label) and an `input.txt` naming the kind (`crops` or
+`metaphase`) when automatic detection (chromobatch.intake.metaphase) should not decide. Metaphases are
+read and checked here and cut into chromosomes later (chromobatch.segment.cut), by the service. A bad file never stops the case: it is recorded with its reason and the rest
 goes on. Each file goes to the first reader that accepts it (chromobatch.intake.readers).
 """
 
@@ -22,7 +25,8 @@ import numpy as np
 from chromobatch import validate_case_id
 from chromobatch.errors import InputError
 from chromobatch.intake.dicom import merge_case_tags
-from chromobatch.intake.imaging import MAX_PIXELS, ImageRejected, normalise
+from chromobatch.intake.imaging import MAX_PIXELS, ImageRejected, Polarity, detect_polarity, normalise, to_dark_on_light
+from chromobatch.intake.metaphase import INPUT_KINDS, check_metaphase, classify_image, image_stats
 from chromobatch.intake.readers import UNSUPPORTED, reader_for
 from chromobatch.intake.sidecars import is_sidecar, read_labels
 
@@ -51,6 +55,35 @@ class Accepted:
     crop: np.ndarray
     polarity: str
     cell_order: tuple[Any, ...] = ()
+    #: Cut from a whole metaphase (else None): instance number, box, outline and flags in the cell's image.
+    instance: int | None = None
+    box: list[int] | None = None
+    polygon: list[list[int]] | None = None
+    flags: dict[str, Any] | None = None
+
+
+@dataclass
+class Metaphase:
+    """A whole metaphase image, read and checked, not yet cut into chromosomes."""
+
+    file: str
+    cell: str
+    sha256: str
+    #: The whole image, normalised: greyscale, dark on light (Q-band inverted), not cropped.
+    grey: np.ndarray
+    polarity: str
+    order: tuple[Any, ...] = ()
+
+
+@dataclass
+class CellSource:
+    """What a cell cut from a whole metaphase keeps of it (chromobatch.store.db.Cell's metaphase columns)."""
+
+    file: str
+    sha256: str
+    image_png: bytes
+    count: int
+    segmentation: dict[str, Any] = field(default_factory=dict)
 
 @dataclass
 class ScannedCase:
@@ -64,6 +97,18 @@ class ScannedCase:
     labels: dict[str, str] = field(default_factory=dict)
     label_problems: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Whole metaphase images, to be cut into `accepted` chromosomes (chromobatch.segment.cut).
+    metaphases: list[Metaphase] = field(default_factory=list)
+    cell_sources: dict[str, CellSource] = field(default_factory=dict)
+    #: auto | crops | metaphase: how images were told apart (setting, or the case's input.txt).
+    input_kind: str = "auto"
+
+    def mixed_kinds(self) -> tuple[str, str] | None:
+        """(a crop file, a metaphase file) when the folder holds both kinds; None otherwise."""
+        crops = [a.file for a in self.accepted if a.instance is None]
+        if crops and self.metaphases:
+            return crops[0], self.metaphases[0].file
+        return None
 
 def printable(name: str) -> str:
     """A file name as it can be stored and shown: undecodable bytes become U+FFFD."""
@@ -83,12 +128,35 @@ def _bad_name(name: str) -> str | None:
     return None
 
 
-def scan_case(case_dir: Path, *, polarity: str = "auto", max_pixels: int = MAX_PIXELS) -> ScannedCase:
-    """Read and validate every file of a case folder; never raises for a bad file."""
+def case_input_kind(case_dir: Path, setting: str = "auto") -> str:
+    """The case's own input.txt (crops | metaphase) wins over the setting; a bad value is an InputError."""
+    if setting not in INPUT_KINDS:
+        raise InputError(f"input = {setting!r} is not one of {', '.join(INPUT_KINDS)}")
+    path = case_dir / "input.txt"
+    if not path.is_file():
+        return setting
+    try:
+        word = path.read_text(encoding="utf-8", errors="replace").strip().lower()
+    except OSError as exc:
+        raise InputError(f"{case_dir.name}/input.txt: cannot read ({exc.strerror or exc})") from exc
+    if word not in ("crops", "metaphase"):
+        raise InputError(f"{case_dir.name}/input.txt: says {word[:40]!r}; expected 'crops' or 'metaphase'",
+                         hint="Write one word in it, or remove it to let chromobatch detect the input kind.")
+    return word
+
+
+def scan_case(case_dir: Path, *, polarity: str = "auto", max_pixels: int = MAX_PIXELS,
+              input_kind: str = "auto") -> ScannedCase:
+    """Read and validate every file of a case folder; never raises for a bad file.
+
+    input_kind: auto (each image is told apart by chromobatch.intake.metaphase), crops or metaphase; the
+    case's input.txt overrides it.
+    """
     case_dir = Path(case_dir)
     if not case_dir.is_dir():
         raise InputError(f"{case_dir}: not a folder", hint="Pass the path of a case folder.")
     scanned = ScannedCase(case_id=validate_case_id(case_dir.name), path=case_dir.resolve())
+    scanned.input_kind = case_input_kind(case_dir, input_kind)
     root = scanned.path
     seen: dict[str, str] = {}
     kinds: Counter[str] = Counter()
@@ -128,11 +196,13 @@ def scan_case(case_dir: Path, *, polarity: str = "auto", max_pixels: int = MAX_P
                 reason = _read_one(full, rel, root, here, scanned, seen, kinds, polarity, max_pixels)
             if reason is not None:
                 scanned.rejected[rel] = reason
-    if kinds["dicom"] and kinds["image"]:
+    if scanned.metaphases:
+        scanned.input_format = "metaphase"
+    elif kinds["dicom"] and kinds["image"]:
         scanned.input_format = "mixed"
     elif kinds["dicom"]:
         scanned.input_format = "dicom"
-    polarities = Counter(a.polarity for a in scanned.accepted)
+    polarities = Counter([a.polarity for a in scanned.accepted] + [m.polarity for m in scanned.metaphases])
     if polarities:
         scanned.meta["polarity"] = polarities.most_common(1)[0][0]
     scanned.labels, problems = read_labels(root)
@@ -168,10 +238,39 @@ def _read_one(full: Path, rel: str, root: Path, here: Path, scanned: ScannedCase
             if mismatch:
                 return mismatch
         kinds[reader.kind] += 1
+        if _is_metaphase(got.grey, scanned.input_kind):
+            folder_cell = FLAT_CELL if here == root else here.relative_to(root).parts[0]
+            return _add_metaphase(scanned, got.grey, rel, full, folder_cell, sha, seen, polarity)
         crop, pol = normalise(got.grey, polarity)
     except ImageRejected as exc:
         return str(exc)
     seen[sha] = rel
     scanned.accepted.append(Accepted(file=rel, cell=got.cell, sha256=sha, crop=crop, polarity=pol,
                                      cell_order=got.order))
+    return None
+
+
+def _is_metaphase(grey: np.ndarray, input_kind: str) -> bool:
+    if input_kind != "auto":
+        return input_kind == "metaphase"
+    if grey.ndim != 2 or min(grey.shape) < 4:
+        return False
+    return classify_image(to_dark_on_light(grey, detect_polarity(grey))) == "metaphase"
+
+
+def _add_metaphase(scanned: ScannedCase, grey: np.ndarray, rel: str, full: Path, folder_cell: str, sha: str,
+                   seen: dict[str, str], polarity: str) -> str | None:
+    """Check a whole metaphase and keep it for cutting; its cell is the file (flat) or its folder."""
+    if grey.ndim != 2 or min(grey.shape) < 32:
+        return f"not a metaphase: image too small ({grey.shape[-1]}x{grey.shape[0]} pixels)"
+    pol: Polarity = detect_polarity(grey) if polarity == "auto" else polarity  # type: ignore[assignment]
+    dol = to_dark_on_light(grey, pol)
+    check_metaphase(dol, image_stats(dol))
+    cell = printable(full.stem) if folder_cell == FLAT_CELL else folder_cell
+    taken = next((m.file for m in scanned.metaphases if m.cell == cell), None)
+    if taken is not None:
+        return f"cell {cell} already has a metaphase image ({taken}); deliver one metaphase per cell"
+    seen[sha] = rel
+    scanned.metaphases.append(Metaphase(file=rel, cell=cell, sha256=sha, grey=np.ascontiguousarray(dol),
+                                        polarity=pol, order=(0, cell)))
     return None

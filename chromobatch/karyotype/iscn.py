@@ -30,6 +30,9 @@ class CellKaryotype:
     losses: list[str] = field(default_factory=list)
     #: Files of this cell that could not be used (a missing chromosome may be one of them).
     files_not_used: int = 0
+    #: Chromosomes (estimated) in objects of a whole metaphase that could not be separated with confidence:
+    #: kept for review, not classified, so a missing chromosome may be in one of them too.
+    clustered: int = 0
 
     @property
     def iscn(self) -> str:
@@ -38,7 +41,13 @@ class CellKaryotype:
     @property
     def shown(self) -> str:
         """The ISCN text as reports show it: marked when the cell's input was incomplete."""
-        return self.iscn + (f" {INCOMPLETE_MARK}" if self.files_not_used else "")
+        return (self.iscn + (f" {INCOMPLETE_MARK}" if self.files_not_used else "")
+                + (f" {cluster_note(self.clustered)}" if self.clustered else ""))
+
+    @property
+    def unsure(self) -> bool:
+        """A loss in this cell may be a chromosome that was not classified (a file not used, a cluster)."""
+        return bool(self.files_not_used or self.clustered)
 
 
 INCOMPLETE_MARK = "(incomplete input)"
@@ -47,6 +56,11 @@ INCOMPLETE_MARK = "(incomplete input)"
 def incomplete_note(files: int) -> str:
     """What the case's suggested karyotype carries when files of the case could not be used."""
     return f"(incomplete input: {files} file{'s' * (files != 1)} not used)"
+
+
+def cluster_note(chromosomes: int) -> str:
+    """What a karyotype carries when chromosomes sit in clusters that were kept for review, not classified."""
+    return f"(cluster: about {chromosomes} chromosome{'s' * (chromosomes != 1)} not classified)"
 
 
 def format_karyotype(count: int, sex: str, gains: list[str], losses: list[str]) -> str:
@@ -114,9 +128,9 @@ def summarise(cells: list[CellKaryotype], *, case_files_not_used: int = 0) -> di
     for tok, n in sorted(seen.items(), key=lambda kv: (-kv[1], kv[0])):
         what = _describe(tok)
         status = "clonal" if tok in clonal else "non-clonal"
-        unsure = sum(1 for c, ev in zip(cells, events, strict=True) if c.files_not_used and tok in ev)
+        unsure = sum(1 for c, ev in zip(cells, events, strict=True) if c.unsure and tok in ev)
         if tok[0] == "-" and unsure:
-            status += f"; {unsure} of these cell{'s' * (unsure != 1)} with incomplete input"
+            status += f"; {unsure} of these cell{'s' * (unsure != 1)} with incomplete input or clusters"
         findings.append(f"{what} in {n}/{len(cells)} cells ({status})")
     missing_cells = sum(1 for d in extra if d < 0)
     if missing_cells >= MIN_CELLS_LOSS:
@@ -132,6 +146,10 @@ def summarise(cells: list[CellKaryotype], *, case_files_not_used: int = 0) -> di
         findings.append(f"incomplete input: {not_used} file{'s' * (not_used != 1)} not used"
                         + (f" (in {short}/{len(cells)} cells)" if short else "")
                         + "; a chromosome missing from a cell may be one of them")
+    clustered = sum(c.clustered for c in cells)
+    if clustered:
+        findings.append(f"clusters kept for review: about {clustered} chromosome{'s' * (clustered != 1)} in "
+                        f"{sum(1 for c in cells if c.clustered)}/{len(cells)} cells not classified")
     normal_kt = _clone_karyotype(baseline, [])
     if len(clones) == 1:
         karyotype = next(iter(clones))
@@ -140,14 +158,18 @@ def summarise(cells: list[CellKaryotype], *, case_files_not_used: int = 0) -> di
         karyotype = "mos " + "/".join(f"{kt}[{n}]" for kt, n in ordered)
     if not_used:
         karyotype += " " + incomplete_note(not_used)
+    if clustered:
+        karyotype += " " + cluster_note(clustered)
     return {
         "cells": [{"cell": c.cell, "count": c.count, "karyotype": c.shown, "sex": c.sex, "gains": c.gains,
-                   "losses": c.losses, "files_not_used": c.files_not_used} for c in cells],
+                   "losses": c.losses, "files_not_used": c.files_not_used, "clustered": c.clustered}
+                  for c in cells],
         "modal_number": modal,
         "counts": dict(sorted(counts.items())),
         "karyotype": karyotype,
         "findings": findings,
         "files_not_used": not_used,
+        "clustered": clustered,
     }
 
 

@@ -16,10 +16,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from chromobatch.files import atomic_write
 from chromobatch.report.dicom import write_encapsulated_pdf
 from chromobatch.report.layout import Placement, layout_karyogram
-from chromobatch.report.pdf import build_pdf
+from chromobatch.report.overlay import outlined_metaphase
+from chromobatch.report.pdf import METAPHASE_SIZE, build_pdf
 from chromobatch.report.view import CellView, load_case_view, load_cell_crops
 from chromobatch.store.db import Database
 
@@ -73,11 +76,25 @@ def render_case_report(
             kg.image.close()
             return jpeg
 
+        def render_metaphase(cell: CellView) -> Path:
+            """The outlined metaphase of a cell that came as one, letterboxed to METAPHASE_SIZE."""
+            title = f"Case {view.case_id}  ·  cell {cell.number} ({cell.name})  ·  the metaphase, " \
+                    f"{cell.metaphase_count} chromosomes counted"
+            drawing = outlined_metaphase(database, cell, title=title, max_side=METAPHASE_SIZE[0])
+            page = Image.new("RGB", METAPHASE_SIZE, (255, 255, 255))
+            if drawing is not None:
+                drawing.thumbnail(METAPHASE_SIZE)
+                page.paste(drawing, ((METAPHASE_SIZE[0] - drawing.width) // 2, 0))
+                drawing.close()
+            jpeg = Path(pages_dir) / f"cell{cell.number}_metaphase.jpg"
+            page.save(jpeg, format="JPEG", quality=92, subsampling=0)
+            return jpeg
+
         pages = 0
 
         def write_pdf(tmp: Path) -> None:
             nonlocal pages
-            pages = build_pdf(view, tmp, render)
+            pages = build_pdf(view, tmp, render, render_metaphase)
 
         atomic_write(pdf_path, write_pdf)
     dicom_path = None

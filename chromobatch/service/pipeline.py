@@ -7,6 +7,7 @@ again on the same content with the same model is a no-op unless `force`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from chromobatch import CLASSES
 from chromobatch.config import Settings
-from chromobatch.errors import JobError
+from chromobatch.errors import InputError, JobError
 from chromobatch.intake.imaging import decode_png
 from chromobatch.intake.ingest import raise_if_empty, store_in_session
 from chromobatch.intake.scan import ScannedCase, cell_of_rejected, scan_case
@@ -30,6 +31,8 @@ from chromobatch.karyotype.iscn import cell_karyotype, summarise
 from chromobatch.ml.predict import Predictor
 from chromobatch.ml.preprocess import chromosome_length
 from chromobatch.ml.sizeprior import ink, relative_inks
+from chromobatch.segment.base import Segmenter
+from chromobatch.segment.cut import cut_case
 from chromobatch.service.reports import render_and_record
 from chromobatch.store.db import Case, Cell, Chromosome, Database, Job, ModelVersion, Prediction, RejectedFile, utcnow
 from chromobatch.store.states import CaseStatus, JobState
@@ -160,15 +163,46 @@ def _finish_job(s: Session, job_id: int | None, worker: str | None) -> None:
     job.state, job.finished_at, job.error = JobState.DONE, utcnow(), None
 
 
+def cut_metaphases(database: Database, scanned: ScannedCase, settings: Settings,
+                   segmenter: Segmenter | None = None) -> None:
+    """Whole metaphases of a scanned case into chromosome crops, before any transaction (a kill here stores
+    nothing). A metaphase stored by an earlier run is not segmented again, so a re-run adds nothing."""
+    mixed = scanned.mixed_kinds()
+    if mixed is not None:
+        raise InputError(f"case {scanned.case_id} mixes chromosome crops ({mixed[0]}) and whole metaphase images "
+                         f"({mixed[1]})", hint="Deliver one kind per case folder, or write 'crops' or 'metaphase' "
+                         "in the case folder's input.txt.")
+    if not scanned.metaphases:
+        return
+    with database.session() as s:
+        stored = {sha for (sha,) in s.execute(
+            select(Cell.source_sha256).join(Case, Case.id == Cell.case_pk)
+            .where(Case.case_id == scanned.case_id, Cell.source_sha256.is_not(None)))}
+    todo = [m for m in scanned.metaphases if m.sha256 not in stored]
+    if todo:
+        cut_case(scanned, segmenter or default_segmenter(settings.segmenter), stored=stored)
+
+
+@functools.lru_cache(maxsize=4)
+def default_segmenter(name: str) -> Segmenter:
+    """The segmenter a setting names, loaded once per process (a watcher's worker keeps it)."""
+    from chromobatch.segment.factory import load_segmenter  # torch and the model only when a metaphase comes
+
+    return load_segmenter(name)
+
+
 def process_case(database: Database, case_dir: Path, *, predictor: Predictor, settings: Settings,
                  force: bool = False, job_id: int | None = None, job_worker: str | None = None,
-                 reports_dir: Path | None = None) -> ProcessResult:
+                 reports_dir: Path | None = None, segmenter: Segmenter | None = None) -> ProcessResult:
     """Process one case folder; a bad case raises a ChromobatchError (its rejections are recorded first).
 
     job_id/job_worker: the watcher's claimed job, marked done in the same transaction as the results.
+    segmenter: for whole metaphase images (default: the one `settings.segmenter` names).
     """
     t0 = time.perf_counter()
-    scanned = scan_case(Path(case_dir), polarity=settings.polarity, max_pixels=settings.max_image_pixels)
+    scanned = scan_case(Path(case_dir), polarity=settings.polarity, max_pixels=settings.max_image_pixels,
+                        input_kind=settings.input)
+    cut_metaphases(database, scanned, settings, segmenter)
     for file, reason in sorted(scanned.rejected.items()):
         log.warning("case %s: file not used: %s: %s", scanned.case_id, file, reason)
     t_scan = time.perf_counter()
@@ -268,15 +302,27 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
                 by_sha[c.sha256] = p
         probs = np.stack([by_sha[c.sha256] if (c.sha256 in by_sha and (force or c.id not in existing))
                           else np.asarray(existing[c.id].probabilities, dtype=np.float32) for c in chroms])
-        assignment = assign_cell(probs, gain_penalty=settings.gain_penalty, loss_penalty=settings.loss_penalty)
+        # An object kept whole because it holds several chromosomes (a cluster of a whole metaphase) is
+        # predicted and stored for review, but takes no karyotype slot: its cell is marked instead.
+        clustered = [int((c.flags or {}).get("cluster", 0)) for c in chroms]
+        singles = [i for i, n in enumerate(clustered) if n <= 1]
+        assignment = assign_cell(probs[singles], gain_penalty=settings.gain_penalty,
+                                 loss_penalty=settings.loss_penalty)
+        assigned: list[str | None] = [None] * len(chroms)
+        changes = [False] * len(chroms)
+        for i, label, changed in zip(singles, assignment.labels, assignment.changed, strict=True):
+            assigned[i], changes[i] = label, changed
         kt = cell_karyotype(cell.name, assignment.labels)
         kt.files_not_used = len(not_used.get(cell.name, ()))
+        kt.clustered = sum(n for n in clustered if n > 1)
         abnormal = set(kt.gains) | set(kt.losses)
-        for c, p, label, changed in zip(chroms, probs, assignment.labels, assignment.changed, strict=True):
+        for c, p, label, changed in zip(chroms, probs, assigned, changes, strict=True):
             raw = CLASSES[int(np.argmax(p))]
             conf = float(np.max(p))
             flags = []
-            if conf < settings.low_confidence:
+            if label is None:
+                flags.append("cluster")
+            elif conf < settings.low_confidence:
                 flags.append("low_confidence")
             if label in abnormal or (label in ("X", "Y") and kt.sex not in ("XX", "XY")):
                 flags.append("count_anomaly")
@@ -292,8 +338,14 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
         cell_results.append(kt)
         n_total += len(chroms)
     summary: dict[str, Any] = summarise(cell_results, case_files_not_used=unplaced)
+    counted = {c.name: c.count for c in cells if c.count is not None}
     for entry in summary["cells"]:
         entry["flags"] = ["count_anomaly"] if entry["count"] != 46 else []
+        if entry["cell"] in counted:  # a whole metaphase: the chromosomes counted in it, clusters estimated
+            entry["counted"] = counted[entry["cell"]]
+            entry["flags"] = ["count_anomaly"] if entry["counted"] != 46 else []
+        if entry.get("clustered"):
+            entry["flags"].append("cluster")
         if entry["files_not_used"]:
             entry["flags"].append("incomplete_input")
             entry["rejected_files"] = not_used[entry["cell"]]
