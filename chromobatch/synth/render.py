@@ -196,7 +196,21 @@ def _expose(density: np.ndarray, im: Imaging, style: str, rng: np.random.Generat
     return np.round(img).astype(np.uint8)
 
 
-def render_chromosome(
+@dataclass(frozen=True)
+class ChromosomeDensity:
+    """One chromosome drawn as stain density before exposure, in a local box of the image plane.
+
+    ``density`` (h, w) float: stain relative to gpos100 (0 off the chromosome); ``body`` (h, w) float in 0..1:
+    how much of the chromatid capsules covers each pixel (0 exactly off the chromosome: its rendered pixels
+    are ``body > 0``); ``origin``: the (x, y) of the box's top-left pixel in the frame the axis was drawn in.
+    """
+
+    density: np.ndarray
+    body: np.ndarray
+    origin: tuple[float, float]
+
+
+def chromosome_density(
     label: str,
     rng: np.random.Generator,
     *,
@@ -205,28 +219,29 @@ def render_chromosome(
     condensation: float = 1.0,
     imaging: Imaging | None = None,
     upright: bool = False,
-) -> np.ndarray:
-    """One chromosome crop (2-D uint8) with a background margin, drawn from the ideogram.
+    scale: float = 1.0,
+    tight: bool = False,
+) -> ChromosomeDensity:
+    """The stain density of one chromosome, before optics and camera (see render_chromosome).
 
-    Length = ISCN length x PX_PER_ISCN x condensation (x a few % between homologues). Two sister chromatids
-    (rounded capsules, so telomeres are round) that close in at the acen bands (the primary constriction),
-    thin stalks and satellites on acrocentrics, a smoothly bent axis at a random angle (near vertical, pter
-    up, with ``upright``), band blur by band level, chromatin texture and ragged outline, then optical blur,
-    camera noise and gamma from ``imaging`` (drawn from ``rng`` when None). G: dark bands on a light
-    background; Q: bright bands on a dark one.
+    ``scale`` magnifies length and width together (the microscope's pixel size): 1.0 is the crop scale,
+    whole metaphases (chromobatch.synth.metaphase) draw several chromosomes at one scale into one image.
+    ``tight`` leaves a 2 px margin instead of the crop's blur and background margin (same random draws).
     """
     label = check_label(label)
     check_style(style)
     if not (0.2 <= condensation <= 4.0):
         raise ConfigError(f"condensation must be within 0.2..4, got {condensation!r}")
+    if not (0.1 <= scale <= 10.0):
+        raise ConfigError(f"scale must be within 0.1..10, got {scale!r}")
     ch = banded_chromosome(label, resolution)
     im = imaging if imaging is not None else draw_imaging(rng, style)
     if im.style != style:
         raise ConfigError(f"imaging settings are for style {im.style}, not {style}")
 
     cond = condensation * rng.uniform(0.95, 1.05)
-    px_per_iscn = PX_PER_ISCN * cond
-    half_width = rng.uniform(7.0, 8.5) * im.width * cond**-0.25
+    px_per_iscn = PX_PER_ISCN * cond * scale
+    half_width = rng.uniform(7.0, 8.5) * im.width * cond**-0.25 * scale
     radius = half_width * rng.uniform(0.52, 0.58)  # of one chromatid
     offset = radius * rng.uniform(0.62, 0.85)  # of each chromatid from the axis: sets the groove depth
     total_px = ch.length * px_per_iscn
@@ -236,6 +251,8 @@ def render_chromosome(
 
     pts = _centreline(arc, rng, upright, ch.centromere / ch.length)
     margin = half_width + 3 * im.blur + int(rng.integers(3, 9))
+    if tight:
+        margin = half_width * 1.7 + 2  # the outline's wobble and the satellites' width stay inside
     x0, y0 = pts.min(axis=0) - margin
     x1, y1 = pts.max(axis=0) + margin
     w, h = int(math.ceil(x1 - x0)), int(math.ceil(y1 - y0))
@@ -255,9 +272,33 @@ def render_chromosome(
     body = np.minimum(body, 1.0) ** 0.6
     density = body * (im.base + (1.0 - im.base) * np.interp(iscn, grid, profile))
     density *= 1.0 + im.texture * texture
-    density = density.reshape(h, w)
+    return ChromosomeDensity(density.reshape(h, w), body.reshape(h, w), (float(x0), float(y0)))
 
-    return _expose(density, im, style, rng)
+
+def render_chromosome(
+    label: str,
+    rng: np.random.Generator,
+    *,
+    style: str = "G",
+    resolution: int = 400,
+    condensation: float = 1.0,
+    imaging: Imaging | None = None,
+    upright: bool = False,
+) -> np.ndarray:
+    """One chromosome crop (2-D uint8) with a background margin, drawn from the ideogram.
+
+    Length = ISCN length x PX_PER_ISCN x condensation (x a few % between homologues). Two sister chromatids
+    (rounded capsules, so telomeres are round) that close in at the acen bands (the primary constriction),
+    thin stalks and satellites on acrocentrics, a smoothly bent axis at a random angle (near vertical, pter
+    up, with ``upright``), band blur by band level, chromatin texture and ragged outline, then optical blur,
+    camera noise and gamma from ``imaging`` (drawn from ``rng`` when None). G: dark bands on a light
+    background; Q: bright bands on a dark one.
+    """
+    check_style(style)
+    im = imaging if imaging is not None else draw_imaging(rng, style)
+    drawn = chromosome_density(label, rng, style=style, resolution=resolution, condensation=condensation,
+                               imaging=im, upright=upright)
+    return _expose(drawn.density, im, style, rng)
 
 
 def _cell_conditions(rng: np.random.Generator) -> tuple[int, float]:

@@ -1,0 +1,513 @@
+"""Synthetic whole metaphase spreads with exact instance masks, and the negatives a metaphase reader must reject.
+
+Why: a lab's microscope delivers one image per cell, not chromosome crops; the segmenter needs G- and Q-band
+spreads with ground truth, and only Q-band spreads (bioimlab-metaphase) are annotated. Every chromosome is
+drawn by the crop renderer (``render.chromosome_density``) at the native scale of a 768 x 576 camera frame
+(chromosomes ~15-110 px long, ~10-14 px wide, as in bioimlab-metaphase), at a random angle and bend, into
+one stain-density plane; the plane is exposed once (illumination gradient, absorption (G) or fluorescence
+(Q), optical blur, camera noise, gamma), so overlaps are darker (G) or brighter (Q) as on a slide.
+
+Ground truth is exact: an instance's mask is the set of pixels its chromatid capsules cover
+(``body > 0`` in the renderer), recorded per instance (overlaps included) and as a label map (overlap
+pixels go to the chromosome drawn last, i.e. on top). Nuclei and debris are drawn but are never part of a
+chromosome mask (they get masks of their own). Touching (8-adjacent, no shared pixel) and overlapping
+(shared pixels) pairs are placed on purpose at the rates asked for, everything else keeps a gap of at
+least ``min_gap`` background pixels; the flags are measured on the final masks, not taken from the intent.
+
+All randomness comes from the ``rng`` passed in: the same seed gives the same image and masks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from chromobatch.errors import ConfigError
+from chromobatch.synth.ideogram import RESOLUTIONS
+from chromobatch.synth.karyotypes import NORMAL_KARYOTYPES, karyotype_labels
+from chromobatch.synth.render import (
+    CONDENSATION_RANGE,
+    Imaging,
+    _smooth_noise,
+    check_style,
+    chromosome_density,
+    draw_imaging,
+)
+
+#: Image size (width, height) of the bioimlab-metaphase camera frames.
+DEFAULT_SIZE: tuple[int, int] = (768, 576)
+#: Magnification relative to the crop renderer (chromosome 1 ~100 px at condensation 1): drawn per image.
+#: 0.7-0.95 puts chromosome lengths (tip to tip) at a median ~40 px and a 98th percentile ~95 px, close to
+#: the bioimlab-metaphase polygons (median 46, 98th percentile 109 px).
+SCALE_RANGE: tuple[float, float] = (0.7, 0.95)
+
+
+def _grow(mask: np.ndarray, r: int) -> np.ndarray:
+    """``mask`` dilated by ``r`` px in chessboard distance (8-connected), same shape (pad first to keep it)."""
+    return ndimage.maximum_filter(mask.view(np.uint8), size=2 * r + 1, mode="constant") > 0
+
+
+@dataclass
+class Metaphase:
+    """One synthetic metaphase image and its ground truth.
+
+    Instance ``k`` (1..N) is ``classes[k - 1]``, ``boxes[k - 1]`` (x0, y0, x1, y1; x1, y1 exclusive, the
+    convention of ``segment.base.Instance``) and ``masks[k - 1]`` (bool, the box's shape; the whole
+    chromosome, overlapped parts included). ``labels`` cannot hold overlaps: a pixel shared by two
+    chromosomes carries the one drawn last (on top); ``overlap`` marks those pixels.
+    """
+
+    image: np.ndarray  # uint8 (H, W), in the stain's own polarity (G dark on light, Q bright on dark)
+    labels: np.ndarray  # int32 (H, W): 0 background (nuclei and debris included), k = instance k
+    classes: list[str]
+    boxes: list[tuple[int, int, int, int]]
+    masks: list[np.ndarray]
+    overlapping: list[bool]  # shares pixels with another chromosome
+    touching: list[bool]  # 8-adjacent to another chromosome without sharing pixels with it
+    contacts: list[tuple[int, int, str]]  # (k, l, "touch" | "overlap"), k < l
+    overlap: np.ndarray  # bool (H, W): pixels covered by two or more chromosomes
+    nuclei: np.ndarray  # bool (H, W): interphase nuclei (not chromosomes)
+    debris: np.ndarray  # bool (H, W): specks and clouds of debris (not chromosomes)
+    stain: str
+    karyotype: str | None
+    info: dict[str, float | int | str] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.image.shape[0]), int(self.image.shape[1]))
+
+    def full_mask(self, k: int) -> np.ndarray:
+        """The whole mask of instance ``k`` (1..N) in image coordinates, overlapped parts included."""
+        if not 1 <= k <= self.count:
+            raise IndexError(f"instance {k} not in 1..{self.count}")
+        out = np.zeros(self.shape, dtype=bool)
+        x0, y0, x1, y1 = self.boxes[k - 1]
+        out[y0:y1, x0:x1] = self.masks[k - 1]
+        return out
+
+    def full_masks(self) -> np.ndarray:
+        """All instance masks as one (N, H, W) bool array (memory: N x H x W bytes)."""
+        out = np.zeros((self.count, *self.shape), dtype=bool)
+        for i, ((x0, y0, x1, y1), m) in enumerate(zip(self.boxes, self.masks, strict=True)):
+            out[i, y0:y1, x0:x1] = m
+        return out
+
+
+@dataclass
+class _Piece:
+    """A chromosome ready to place: its density and mask cropped to the mask's box, and dilations of it."""
+
+    label: str
+    density: np.ndarray
+    mask: np.ndarray
+    near: np.ndarray  # mask dilated by 1 px, padded by 1 (contact test)
+    clear: np.ndarray  # mask dilated by min_gap px, padded by min_gap (gap test)
+
+
+def _check_size(size: tuple[int, int]) -> tuple[int, int]:
+    try:
+        w, h = (int(size[0]), int(size[1]))
+    except (TypeError, ValueError, IndexError):
+        raise ConfigError(f"size must be (width, height), got {size!r}") from None
+    if not (64 <= w <= 8192 and 64 <= h <= 8192):
+        raise ConfigError(f"size must be 64..8192 px on each side, got {size!r}")
+    return w, h
+
+
+def _check_rate(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be a fraction 0..1, got {value!r}")
+    return float(value)
+
+
+def _piece(label: str, rng: np.random.Generator, stain: str, resolution: int, condensation: float,
+           imaging: Imaging, scale: float, min_gap: int) -> _Piece:
+    drawn = chromosome_density(label, rng, style=stain, resolution=resolution, condensation=condensation,
+                               imaging=imaging, scale=scale, tight=True)
+    mask = drawn.body > 0
+    if mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any():  # never seen; never cut
+        drawn = chromosome_density(label, rng, style=stain, resolution=resolution, condensation=condensation,
+                                   imaging=imaging, scale=scale)
+        mask = drawn.body > 0
+    ys, xs = np.nonzero(mask)
+    sl = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    mask = mask[sl]
+    near = _grow(np.pad(mask, 1), 1)
+    clear = _grow(np.pad(mask, min_gap), min_gap)
+    return _Piece(label, np.where(mask, drawn.density[sl], 0.0), mask, near, clear)
+
+
+class _Canvas:
+    """Where chromosomes have been put: coverage counts and the topmost owner of every pixel."""
+
+    def __init__(self, h: int, w: int, edge: int) -> None:
+        self.h, self.w, self.edge = h, w, edge
+        self.count = np.zeros((h, w), dtype=np.uint8)
+        self.owner = np.zeros((h, w), dtype=np.int32)
+        self.density = np.zeros((h, w), dtype=np.float64)
+        self.boxes: list[tuple[int, int, int, int]] = []
+        self.masks: list[np.ndarray] = []
+        self.overlapping: list[bool] = []  # running estimates that steer the placement (final: _contacts)
+        self.touching: list[bool] = []
+
+    def inside(self, piece: _Piece, x: int, y: int) -> bool:
+        mh, mw = piece.mask.shape
+        e = self.edge
+        return x >= e and y >= e and x + mw <= self.w - e and y + mh <= self.h - e
+
+    def hits(self, m: np.ndarray, x: int, y: int) -> np.ndarray:
+        """Coverage under mask ``m`` placed with its top-left at (x, y) (clipped at the image border)."""
+        mh, mw = m.shape
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + mw, self.w), min(y + mh, self.h)
+        return self.count[y0:y1, x0:x1][m[y0 - y:y1 - y, x0 - x:x1 - x]]
+
+    def is_clear(self, piece: _Piece, x: int, y: int, gap: int) -> bool:
+        return self.inside(piece, x, y) and not self.hits(piece.clear, x - gap, y - gap).any()
+
+    def _owners(self, m: np.ndarray, x: int, y: int) -> set[int]:
+        mh, mw = m.shape
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + mw, self.w), min(y + mh, self.h)
+        return set(np.unique(self.owner[y0:y1, x0:x1][m[y0 - y:y1 - y, x0 - x:x1 - x]]).tolist()) - {0}
+
+    def keeps_gap(self, piece: _Piece, x: int, y: int, gap: int) -> bool:
+        """Whether every chromosome within ``gap`` px of the piece at (x, y) is one it touches or overlaps."""
+        return self._owners(piece.clear, x - gap, y - gap) <= self._owners(piece.near, x - 1, y - 1)
+
+    def put(self, piece: _Piece, x: int, y: int) -> None:
+        mh, mw = piece.mask.shape
+        k = len(self.boxes) + 1
+        sl = (slice(y, y + mh), slice(x, x + mw))
+        over = self._owners(piece.mask, x, y)
+        near = self._owners(piece.near, x - 1, y - 1) - over
+        for j in over:
+            self.overlapping[j - 1] = True
+        for j in near:
+            self.touching[j - 1] = True
+        self.overlapping.append(bool(over))
+        self.touching.append(bool(near))
+        self.count[sl] += piece.mask
+        self.owner[sl][piece.mask] = k
+        self.density[sl] += piece.density
+        self.boxes.append((x, y, x + mw, y + mh))
+        self.masks.append(piece.mask)
+
+
+def _place_clear(canvas: _Canvas, piece: _Piece, rng: np.random.Generator, centre: tuple[float, float],
+                 radii: list[float], gap: int) -> bool:
+    """Somewhere in the spread with at least ``gap`` free pixels around; the spread widens when crowded."""
+    mh, mw = piece.mask.shape
+    for attempt in range(400):
+        if attempt and attempt % 40 == 0:
+            radii[0] *= 1.1
+            radii[1] *= 1.1
+        r = math.sqrt(rng.random())
+        phi = rng.uniform(0, 2 * math.pi)
+        cx = centre[0] + radii[0] * r * math.cos(phi)
+        cy = centre[1] + radii[1] * r * math.sin(phi)
+        x, y = int(round(cx - mw / 2)), int(round(cy - mh / 2))
+        if canvas.is_clear(piece, x, y, gap):
+            canvas.put(piece, x, y)
+            return True
+    return False
+
+
+def _place_against(canvas: _Canvas, piece: _Piece, rng: np.random.Generator, kind: str,
+                   max_overlap: float, gap: int) -> bool:
+    """Slide the chromosome towards a placed one until it touches it (or crosses it, for "overlap")."""
+    mh, mw = piece.mask.shape
+    area = int(piece.mask.sum())
+    for _ in range(12):
+        j = int(rng.integers(len(canvas.boxes)))
+        bx0, by0, bx1, by1 = canvas.boxes[j]
+        tx, ty = (bx0 + bx1) / 2, (by0 + by1) / 2
+        phi = rng.uniform(0, 2 * math.pi)
+        d = math.hypot(bx1 - bx0, by1 - by0) / 2 + math.hypot(mw, mh) / 2 + 2
+        extra = int(rng.integers(2, max(3, min(mh, mw) // 2 + 2))) if kind == "overlap" else 0
+        contact = False
+        past = 0  # steps taken since the first contact
+        while d > 0:
+            x = int(round(tx + d * math.cos(phi) - mw / 2))
+            y = int(round(ty + d * math.sin(phi) - mh / 2))
+            d -= 1.0
+            if not canvas.inside(piece, x, y):
+                if contact:
+                    break
+                continue
+            if not contact:
+                if not canvas.hits(piece.near, x - 1, y - 1).any():
+                    continue
+                contact = True
+                under = canvas.hits(piece.mask, x, y)
+                if under.any():  # came in from outside the image already on top of something
+                    break
+                if kind == "touch":
+                    if not canvas.keeps_gap(piece, x, y, gap):
+                        break
+                    canvas.put(piece, x, y)
+                    return True
+            past += 1
+            if past < extra:
+                continue
+            under = canvas.hits(piece.mask, x, y)
+            if not under.any() or (under > 1).any():  # missed, or would make a triple layer
+                break
+            sl = (slice(y, y + mh), slice(x, x + mw))
+            owners = np.unique(canvas.owner[sl][piece.mask & (canvas.count[sl] > 0)])
+            if owners.size != 1:
+                break
+            other = int(canvas.masks[int(owners[0]) - 1].sum())
+            if int((under > 0).sum()) > max_overlap * min(area, other) or not canvas.keeps_gap(piece, x, y, gap):
+                break
+            canvas.put(piece, x, y)
+            return True
+    return False
+
+
+def _contacts(boxes: list[tuple[int, int, int, int]], masks: list[np.ndarray]) -> list[tuple[int, int, str]]:
+    """Touching (8-adjacent, nothing shared) and overlapping (pixels shared) pairs, measured on the masks."""
+    out = []
+    for a in range(len(boxes)):
+        ax0, ay0, ax1, ay1 = boxes[a]
+        near = _grow(np.pad(masks[a], 1), 1)
+        for b in range(a + 1, len(boxes)):
+            bx0, by0, bx1, by1 = boxes[b]
+            x0, y0 = max(ax0 - 1, bx0), max(ay0 - 1, by0)
+            x1, y1 = min(ax1 + 1, bx1), min(ay1 + 1, by1)
+            if x0 >= x1 or y0 >= y1:
+                continue
+            mb = masks[b][y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
+            if not (near[y0 - ay0 + 1:y1 - ay0 + 1, x0 - ax0 + 1:x1 - ax0 + 1] & mb).any():
+                continue
+            ix0, iy0, ix1, iy1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
+            shared = ix0 < ix1 and iy0 < iy1 and bool(
+                (masks[a][iy0 - ay0:iy1 - ay0, ix0 - ax0:ix1 - ax0]
+                 & masks[b][iy0 - by0:iy1 - by0, ix0 - bx0:ix1 - bx0]).any())
+            out.append((a + 1, b + 1, "overlap" if shared else "touch"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ optics
+@dataclass(frozen=True)
+class _Optics:
+    stain: str
+    level: float  # G: background brightness; Q: background offset
+    contrast: float  # G: absorbance of a fully stained band; Q: grey levels of one
+    blur: float
+    noise: float
+    gamma: float
+
+
+def _draw_optics(rng: np.random.Generator, stain: str, imaging: Imaging) -> _Optics:
+    if stain == "G":
+        return _Optics("G", rng.uniform(205, 245), rng.uniform(0.55, 1.3), rng.uniform(0.7, 1.3),
+                       rng.uniform(1.5, 4.0), rng.uniform(0.9, 1.15))
+    return _Optics("Q", rng.uniform(3, 22), rng.uniform(150, 230), imaging.blur * rng.uniform(0.8, 1.1),
+                   rng.uniform(1.5, 4.0), rng.uniform(0.9, 1.15))
+
+
+def _illumination(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth field around 1: a linear gradient, vignetting and faint low-frequency unevenness."""
+    xn = (np.arange(w, dtype=np.float32) / w - 0.5)[None, :]
+    yn = (np.arange(h, dtype=np.float32) / h - 0.5)[:, None]
+    gx, gy = rng.normal(0, 0.08, 2)
+    cx, cy = rng.normal(0, 0.15, 2)
+    vignette = rng.uniform(0.0, 0.25)
+    field_ = 1 + gx * xn + gy * yn - vignette * ((xn - cx) ** 2 + (yn - cy) ** 2)
+    for _ in range(3):  # faint low-frequency unevenness: a few long waves
+        kx, ky = rng.normal(0, 2.5, 2)
+        field_ = field_ + rng.uniform(0, 0.012) * np.cos(2 * np.pi * (kx * xn + ky * yn) + rng.uniform(0, 6.3))
+    return np.clip(field_, 0.5, 1.5).astype(np.float32)
+
+
+def _expose(density: np.ndarray, optics: _Optics, rng: np.random.Generator) -> np.ndarray:
+    """Stain density (H, W) to the camera's uint8 image in the stain's own polarity."""
+    h, w = density.shape
+    light = _illumination(rng, h, w)
+    if optics.stain == "G":  # transmitted light: absorbance adds up, overlaps are darker
+        img = optics.level * light * np.exp(-optics.contrast * density)
+    else:  # fluorescence: emission adds up, overlaps are brighter; the background offset is uneven too
+        img = optics.level * (2 - light) + optics.contrast * light * density
+    img = ndimage.gaussian_filter(img.astype(np.float32), optics.blur, mode="nearest")
+    shot = np.sqrt(np.maximum(img, 0.0) / 255.0)  # photon noise grows with the signal
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(optics.noise) * (0.4 + 0.6 * shot)
+    img = 255.0 * (np.clip(img, 0.0, 255.0) / 255.0) ** optics.gamma
+    return np.round(img).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ nuclei, debris
+def _nucleus(rng: np.random.Generator, scale: float, stain: str) -> tuple[np.ndarray, np.ndarray]:
+    """(density, mask) of one interphase nucleus: a round, slightly irregular, granular blob."""
+    a = scale * rng.uniform(38, 80)
+    b = a * rng.uniform(0.75, 1.0)
+    theta = rng.uniform(0, math.pi)
+    half = int(math.ceil(a)) + 4
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float64)
+    u = xx * math.cos(theta) + yy * math.sin(theta)
+    v = -xx * math.sin(theta) + yy * math.cos(theta)
+    n = xx.shape[0]
+    wobble = 1 + 0.04 * _smooth_noise(rng, (n, n), n / 6)
+    r = np.sqrt((u / a) ** 2 + (v / b) ** 2) / wobble
+    mask = r < 1.0
+    edge = 1 / (1 + np.exp((r - 0.97) / 0.02))
+    grain = 0.5 * _smooth_noise(rng, (n, n), rng.uniform(1.2, 2.5)) + 0.5 * _smooth_noise(rng, (n, n), 5.0)
+    level = rng.uniform(0.45, 0.75) if stain == "Q" else rng.uniform(0.35, 0.6)
+    dens = edge * level * (1 + rng.uniform(0.15, 0.3) * grain)
+    return np.clip(dens, 0, None) * mask, mask
+
+
+def _speck(rng: np.random.Generator, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(density, mask) of a small speck of debris, or now and then a faint fibrous cloud."""
+    if rng.random() < 0.12:
+        rad = scale * rng.uniform(8, 22)
+        half = int(math.ceil(rad)) + 2
+        yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+        n = xx.shape[0]
+        fibres = _smooth_noise(rng, (n, n), 1.0)
+        dens = np.where((xx**2 + yy**2 < rad**2) & (fibres > 1.0), rng.uniform(0.1, 0.35), 0.0)
+        return dens, dens > 0
+    rad = scale * rng.uniform(0.7, 2.8)
+    half = int(math.ceil(rad)) + 1
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+    mask = xx**2 + yy**2 <= rad**2
+    return mask * rng.uniform(0.3, 1.3), mask
+
+
+def _add_blobs(rng: np.random.Generator, density: np.ndarray, out_mask: np.ndarray, keep_off: np.ndarray,
+               blobs: list[tuple[np.ndarray, np.ndarray]], *, margin: int, allow_partial: bool) -> int:
+    """Drop each (density, mask) blob at a random place that stays ``margin`` px off ``keep_off``."""
+    h, w = density.shape
+    placed = 0
+    far = _grow(keep_off, margin)
+    for dens, mask in blobs:
+        bh, bw = mask.shape
+        lo_x, lo_y = (-bw // 3, -bh // 3) if allow_partial else (0, 0)
+        hi_x, hi_y = (w - 2 * bw // 3, h - 2 * bh // 3) if allow_partial else (w - bw, h - bh)
+        if hi_x <= lo_x or hi_y <= lo_y:
+            continue
+        for _ in range(40):
+            x, y = int(rng.integers(lo_x, hi_x)), int(rng.integers(lo_y, hi_y))
+            x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)
+            sub = (slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))
+            if (far[y0:y1, x0:x1] & mask[sub]).any():
+                continue
+            density[y0:y1, x0:x1] += dens[sub]
+            out_mask[y0:y1, x0:x1] |= mask[sub]
+            placed += 1
+            break
+    return placed
+
+
+# ------------------------------------------------------------------------------------------ spreads
+def render_metaphase(
+    rng: np.random.Generator,
+    *,
+    karyotype: str | None = None,
+    labels: list[str] | None = None,
+    stain: str = "G",
+    size: tuple[int, int] = DEFAULT_SIZE,
+    scale: float | None = None,
+    resolution: int | None = None,
+    crowding: float | None = None,
+    overlap_rate: float = 0.08,
+    touch_rate: float = 0.15,
+    nuclei: int | None = None,
+    debris: int | None = None,
+    min_gap: int = 2,
+) -> Metaphase:
+    """One whole metaphase spread as a microscope delivers it, with exact instance masks.
+
+    ``karyotype`` (an ISCN name from synth.karyotypes; None: 46,XX or 46,XY at random) or ``labels`` (the
+    classes to draw, e.g. a spread that lost chromosomes) say what is in the cell. ``size`` is (width,
+    height). ``scale`` is the magnification relative to the crop renderer (None: drawn from SCALE_RANGE),
+    ``crowding`` the spread's area per chromosome area (None: drawn from 2.5..7; lower is more crowded).
+    ``overlap_rate`` and ``touch_rate`` are the fractions of chromosomes meant to overlap or touch another
+    (each event involves two, so about rate x N / 2 events are placed; the flags on the result are measured).
+    ``nuclei``/``debris`` are counts (None: drawn; 0-2 nuclei, 0-40 specks). Chromosomes stay ``min_gap``
+    px apart unless they touch or overlap on purpose, and always whole inside the frame.
+    """
+    check_style(stain)
+    w, h = _check_size(size)
+    overlap_rate = _check_rate("overlap_rate", overlap_rate)
+    touch_rate = _check_rate("touch_rate", touch_rate)
+    if not isinstance(min_gap, int) or not 1 <= min_gap <= 10:
+        raise ConfigError(f"min_gap must be an integer 1..10 px, got {min_gap!r}")
+    if labels is not None:
+        if karyotype is not None:
+            raise ConfigError("give a karyotype or a list of labels, not both")
+        cell = list(labels)
+    else:
+        if karyotype is None:
+            karyotype = str(rng.choice(NORMAL_KARYOTYPES))
+        cell = karyotype_labels(karyotype)
+    if resolution is None:
+        resolution = int(rng.choice(RESOLUTIONS, p=[0.6, 0.3, 0.1]))
+    elif resolution not in RESOLUTIONS:
+        raise ConfigError(f"band resolution must be one of {RESOLUTIONS}, got {resolution!r}")
+    lo, hi = CONDENSATION_RANGE[resolution]
+    condensation = float(rng.uniform(lo, hi))
+    if scale is None:
+        scale = float(rng.uniform(*SCALE_RANGE)) / math.sqrt(condensation)  # longer cells: wider field
+    if crowding is None:
+        crowding = float(rng.uniform(2.5, 7.0))
+    elif not 1.0 <= crowding <= 50.0:
+        raise ConfigError(f"crowding must be within 1..50, got {crowding!r}")
+    imaging = draw_imaging(rng, stain)
+    optics = _draw_optics(rng, stain, imaging)
+
+    order = rng.permutation(len(cell))
+    pieces = [_piece(cell[i], rng, stain, resolution, condensation, imaging, scale, min_gap) for i in order]
+    area = sum(int(p.mask.sum()) for p in pieces)
+    radius = math.sqrt(crowding * area / math.pi)
+    aspect = rng.uniform(0.75, 1.0)
+    radii = [min(radius / math.sqrt(aspect), 0.48 * w), min(radius * math.sqrt(aspect), 0.48 * h)]
+    centre = (rng.uniform(min(radii[0], w / 2), max(w - radii[0], w / 2)),
+              rng.uniform(min(radii[1], h / 2), max(h - radii[1], h / 2)))
+    canvas = _Canvas(h, w, edge=2)
+    for i, piece in enumerate(pieces):
+        # Steer towards the rates asked for: the shortfall of flagged chromosomes (an event flags two).
+        want_o = min(max(overlap_rate * (i + 2) - sum(canvas.overlapping), 0.0), 1.0)
+        want_t = min(max(touch_rate * (i + 2) - sum(canvas.touching), 0.0), 1.0)
+        u = rng.random()
+        kind = "clear"
+        if canvas.boxes:
+            kind = "overlap" if u < want_o / 2 else "touch" if u < (want_o + want_t) / 2 else kind
+        if kind != "clear" and _place_against(canvas, piece, rng, kind, max_overlap=0.3, gap=min_gap):
+            continue
+        if not _place_clear(canvas, piece, rng, centre, radii, min_gap):
+            raise ConfigError(f"{len(pieces)} chromosomes at scale {scale:.2f} do not fit in a {w} x {h} image",
+                              hint="Use a larger size, a smaller scale or a lower crowding.")
+
+    density = canvas.density.copy()
+    chromosomes = canvas.count > 0
+    nucleus_mask = np.zeros((h, w), dtype=bool)
+    n_nuclei = int(rng.choice([0, 1, 2], p=[0.4, 0.45, 0.15])) if nuclei is None else int(nuclei)
+    placed_nuclei = _add_blobs(rng, density, nucleus_mask, chromosomes,
+                               [_nucleus(rng, scale, stain) for _ in range(n_nuclei)], margin=6,
+                               allow_partial=True)
+    debris_mask = np.zeros((h, w), dtype=bool)
+    n_debris = int(rng.integers(0, 41)) if debris is None else int(debris)
+    _add_blobs(rng, density, debris_mask, chromosomes | nucleus_mask, [_speck(rng, scale) for _ in range(n_debris)],
+               margin=3, allow_partial=False)
+    image = _expose(density, optics, rng)
+
+    contacts = _contacts(canvas.boxes, canvas.masks)
+    n = len(canvas.boxes)
+    overlapping = [False] * n
+    touching = [False] * n
+    for a, b, kind in contacts:
+        flags = overlapping if kind == "overlap" else touching
+        flags[a - 1] = flags[b - 1] = True
+    return Metaphase(
+        image=image, labels=canvas.owner, classes=[p.label for p in pieces], boxes=canvas.boxes,
+        masks=canvas.masks, overlapping=overlapping, touching=touching, contacts=contacts,
+        overlap=canvas.count > 1, nuclei=nucleus_mask, debris=debris_mask, stain=stain, karyotype=karyotype,
+        info={"resolution": resolution, "condensation": round(condensation, 4), "scale": round(scale, 4),
+              "crowding": round(crowding, 3), "nuclei": placed_nuclei, "blur": round(optics.blur, 3),
+              "noise": round(optics.noise, 3)})

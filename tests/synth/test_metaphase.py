@@ -1,0 +1,171 @@
+"""Synthetic whole metaphases: exact instance masks, counts, touch/overlap rates, determinism, negatives, files."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from chromobatch.errors import ConfigError
+from chromobatch.synth.karyotypes import karyotype_labels
+from chromobatch.synth.metaphase import Metaphase, render_metaphase
+from chromobatch.synth.render import seeded_rng
+
+
+def _background(m: Metaphase, far: int = 5) -> np.ndarray:
+    """Pixels at least ``far`` px from every chromosome, nucleus and speck."""
+    anything = (m.labels > 0) | m.nuclei | m.debris
+    return ~ndimage.binary_dilation(anything, np.ones((2 * far + 1,) * 2, dtype=bool))
+
+
+@pytest.fixture(scope="module", params=["G", "Q"])
+def spread(request: pytest.FixtureRequest) -> Metaphase:
+    return render_metaphase(seeded_rng(11, ord(request.param)), stain=request.param, karyotype="47,XY,+21")
+
+
+def test_label_map_and_instance_masks_agree(spread: Metaphase) -> None:
+    m = spread
+    assert m.image.dtype == np.uint8 and m.labels.dtype == np.int32
+    assert m.image.shape == m.labels.shape == (576, 768)
+    full = m.full_masks()
+    assert full.shape == (m.count, 576, 768)
+    coverage = full.sum(axis=0)
+    # every labelled pixel lies on its own chromosome's mask; every mask pixel is labelled
+    for k in range(1, m.count + 1):
+        assert full[k - 1][m.labels == k].all()
+        assert m.full_mask(k).sum() == m.masks[k - 1].sum() > 0
+    assert np.array_equal(m.labels > 0, coverage > 0)
+    assert np.array_equal(m.overlap, coverage > 1)
+    # nuclei and debris are never part of a chromosome mask
+    assert not (m.nuclei & (m.labels > 0)).any()
+    assert not (m.debris & (m.labels > 0)).any()
+    # overlap pixels carry the chromosome drawn last (on top)
+    ys, xs = np.nonzero(m.overlap)
+    for y, x in zip(ys[:50], xs[:50], strict=True):
+        assert m.labels[y, x] == np.nonzero(full[:, y, x])[0].max() + 1
+    with pytest.raises(IndexError):
+        m.full_mask(0)
+
+
+def test_masks_sit_on_the_drawn_chromosomes(spread: Metaphase) -> None:
+    """Independent of the renderer's bookkeeping: the pixels under a mask are stained, the far background is not."""
+    m = spread
+    bg = m.image[_background(m)].astype(float)
+    level, spread_ = np.median(bg), np.percentile(bg, 99) - np.percentile(bg, 1)
+    sign = -1.0 if m.stain == "G" else 1.0
+    for k in range(1, m.count + 1):
+        core = ndimage.binary_erosion(m.full_mask(k))
+        if not core.any():
+            core = m.full_mask(k)
+        local = m.image[core].astype(float)
+        # well beyond the background's own spread (illumination gradient and noise included)
+        assert sign * (local.mean() - level) > max(20.0, 0.5 * spread_), (k, local.mean(), level)
+    # a shifted mask would land on background: the stained share of a mask drops
+    isolated = [k for k in range(1, m.count + 1) if not (m.touching[k - 1] or m.overlapping[k - 1])]
+    threshold = level + sign * 0.5 * abs(np.median(m.image[m.labels > 0].astype(float)) - level)
+    stained = (m.image < threshold) if m.stain == "G" else (m.image > threshold)
+    free = _background(m, far=1)
+    tried = 0
+    for k in isolated:
+        mk = m.full_mask(k)
+        own = stained[mk].mean()
+        assert own > 0.7, (k, own)
+        for shift in ((0, 30), (30, 0), (0, -30), (-30, 0), (45, 45), (-45, -45), (60, -60), (-60, 60)):
+            moved = np.roll(mk, shift, axis=(0, 1))
+            if free[moved].all():  # the same shape moved onto bare background
+                assert stained[moved].mean() < own - 0.4, (k, own, stained[moved].mean())
+                tried += 1
+                break
+    assert tried >= 5
+
+
+def test_counts_and_classes_match_the_karyotype(spread: Metaphase) -> None:
+    assert spread.count == 47 == len(spread.boxes) == len(spread.masks)
+    assert Counter(spread.classes) == Counter(karyotype_labels("47,XY,+21"))
+    assert spread.labels.max() == 47
+    # sizes follow the ideogram: chromosome 1s are larger than chromosome 21s and Ys
+    area = {c: np.mean([mk.sum() for mk, cc in zip(spread.masks, spread.classes, strict=True) if cc == c])
+            for c in ("1", "21", "Y")}
+    assert area["1"] > 2.5 * area["21"]
+
+
+def test_native_scale_like_bioimlab_metaphase() -> None:
+    """Chromosome lengths (tip to tip) in the range of the bioimlab-metaphase polygons (median 46 px)."""
+    lengths = []
+    for seed in range(4):
+        m = render_metaphase(seeded_rng(seed, 5), stain="Q")
+        for mk in m.masks:
+            ys, xs = np.nonzero(mk)
+            pts = np.stack([xs, ys], axis=1)[:: max(1, len(xs) // 200)]
+            lengths.append(np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1)).max())
+    med, p98 = np.median(lengths), np.percentile(lengths, 98)
+    assert 28 < med < 65 and 65 < p98 < 140, (med, p98)
+
+
+def test_polarity_of_each_stain(spread: Metaphase) -> None:
+    bg = np.median(spread.image[_background(spread)])
+    assert (bg > 170) if spread.stain == "G" else (bg < 50)
+
+
+def test_same_seed_same_pixels_and_masks() -> None:
+    a = render_metaphase(seeded_rng(3), stain="G")
+    b = render_metaphase(seeded_rng(3), stain="G")
+    c = render_metaphase(seeded_rng(4), stain="G")
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels)
+    assert a.classes == b.classes and a.contacts == b.contacts
+    assert not np.array_equal(a.image, c.image)
+
+
+@pytest.mark.parametrize(("overlap_rate", "touch_rate"), [(0.0, 0.0), (0.08, 0.15), (0.3, 0.3)])
+def test_touch_and_overlap_rates(overlap_rate: float, touch_rate: float) -> None:
+    """The flags are measured on the final masks; their rates follow the parameters."""
+    overlapping, touching = [], []
+    for seed in range(4):
+        m = render_metaphase(seeded_rng(seed, 99), stain="GQ"[seed % 2], overlap_rate=overlap_rate,
+                             touch_rate=touch_rate)
+        overlapping.append(np.mean(m.overlapping))
+        touching.append(np.mean(m.touching))
+        for a, b, kind in m.contacts:
+            ma, mb = m.full_mask(a), m.full_mask(b)
+            shared = (ma & mb).any()
+            assert shared == (kind == "overlap")
+            assert (ndimage.binary_dilation(ma, np.ones((3, 3), bool)) & mb).any()
+        flagged = {k for a, b, _ in m.contacts for k in (a, b)}
+        for k in range(1, m.count + 1):  # everything else keeps a gap of >= 2 px (min_gap)
+            if k not in flagged:
+                grown = ndimage.binary_dilation(m.full_mask(k), np.ones((5, 5), bool))
+                assert not (grown & (m.labels > 0) & ~m.full_mask(k)).any()
+    if overlap_rate == touch_rate == 0:
+        assert max(overlapping) == max(touching) == 0
+    else:
+        assert abs(np.mean(overlapping) - overlap_rate) < 0.05 + 0.25 * overlap_rate
+        assert abs(np.mean(touching) - touch_rate) < 0.05 + 0.25 * touch_rate
+
+
+def test_other_sizes_labels_and_errors() -> None:
+    m = render_metaphase(seeded_rng(1), labels=["1", "2", "X"], size=(300, 200), stain="Q", nuclei=0, debris=0)
+    assert m.image.shape == (200, 300) and sorted(m.classes) == ["1", "2", "X"] and m.karyotype is None
+    assert not m.nuclei.any() and not m.debris.any()
+    with pytest.raises(ConfigError):
+        render_metaphase(seeded_rng(1), stain="R")
+    with pytest.raises(ConfigError):
+        render_metaphase(seeded_rng(1), size=(10, 10))
+    with pytest.raises(ConfigError):
+        render_metaphase(seeded_rng(1), overlap_rate=1.5)
+    with pytest.raises(ConfigError):
+        render_metaphase(seeded_rng(1), karyotype="46,XY", labels=["1"])
+    with pytest.raises(ConfigError, match="do not fit"):
+        render_metaphase(seeded_rng(1), size=(120, 100), scale=1.0)
+
+
+def test_fast_enough() -> None:
+    """Goal: well under 0.5 s per 768 x 576 spread; the bound here is loose (the test machine is shared)."""
+    render_metaphase(seeded_rng(0))
+    cpu = time.process_time()
+    for seed in range(3):
+        render_metaphase(seeded_rng(seed), stain="GQ"[seed % 2])
+    per_spread = (time.process_time() - cpu) / 3
+    assert per_spread < 0.5, per_spread
