@@ -212,7 +212,7 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
         data = pages.case_list(database, search=search, state=q.get("state", ""), status=q.get("status", ""),
                                page=page, low_confidence_flag=opts.low_confidence_flag)
         return render(request, "cases.html", user, data=data, search=search, state=q.get("state", ""),
-                      status=q.get("status", ""), states=[s.value for s in ReviewState])
+                      status_filter=q.get("status", ""), states=[s.value for s in ReviewState])
 
     @app.get("/", response_class=HTMLResponse)
     async def case_list(request: Request) -> Response:
