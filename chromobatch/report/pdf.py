@@ -77,6 +77,8 @@ def _fmt_tag(key: str, value: Any) -> str:
 
 
 def _review_status(view: CaseView) -> str:
+    if view.signed is not None:
+        return f"signed off by {view.signed.user} ({_fmt_time(view.signed.at)})"
     if not view.reviewed:
         return "unreviewed"
     return f"reviewed by {', '.join(view.reviewers)} (last change {_fmt_time(view.last_review_at)})"
@@ -187,6 +189,7 @@ class _Report:
         if reviewed_kt:
             case_rows.insert(4, ("Karyotype from reviewed labels", reviewed_kt))
         out += [self._p("Case summary", "h2"), self._kv_table(case_rows)]
+        out += self._sign_off()
         out += self._files_not_used()
 
         header = ["#", "Cell", "Count", "Karyotype", "Notes"]
@@ -218,6 +221,44 @@ class _Report:
             out.append(self._p(f"<b>Cell {cell.number} of {v.total_cells} ({escape(cell.name)})</b>: "
                                f"{escape(_cell_line(v, cell))}", "body"))
             out.append(self._p(self._review_note(cell), "small"))
+        return out
+
+    def _sign_off(self) -> list[Any]:
+        """Who signed the case, when, with which karyotype; reopenings; every label review changed."""
+        from reportlab.lib import colors
+        from reportlab.lib.units import mm
+        from reportlab.platypus import Table, TableStyle
+
+        v = self.view
+        if not v.signoffs:
+            return []
+        out: list[Any] = [self._p("Sign-off", "h2")]
+        signed = v.signed
+        if signed is not None:
+            rows = [("Signed by", signed.user), ("Signed at", _fmt_time(signed.at)),
+                    ("Final karyotype (ISCN)", signed.karyotype or "-"), ("Comment", signed.comment or "-")]
+        else:
+            rows = [("State", "reopened after sign-off, not signed again")]
+        for r in v.signoffs[:-1] if signed is not None else v.signoffs:
+            what = "signed" if r.action == "signed" else "reopened"
+            rows.append((f"Earlier: {what}", f"{_fmt_time(r.at)} by {r.user}"
+                         + (f": {r.karyotype}" if r.karyotype else "") + (f" ({r.comment})" if r.comment else "")))
+        out.append(self._kv_table(rows))
+        changed = [(cell, c) for cell in v.all_cells for c in cell.chromosomes if c.changed_by_review]
+        out.append(self._p(f"Labels changed by review: {len(changed)}", "body"))
+        if changed:
+            data: list[list[Any]] = [[self._p(f"<b>{h}</b>", "cell") for h in
+                                      ("Cell", "File", "Model", "Reviewed", "By")]]
+            for cell, c in changed:
+                data.append([self._p(str(cell.number), "cell"), self._p(escape(c.source_file), "cell"),
+                             self._p(escape(c.predicted or "unclassified"), "cell"),
+                             self._p(escape(str(c.label)), "cell"),
+                             self._p(escape(c.reviewer or c.label_source), "cell")])
+            table = Table(data, colWidths=[12 * mm, 78 * mm, 25 * mm, 25 * mm, 40 * mm], hAlign="LEFT", repeatRows=1)
+            table.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"),
+                                       ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),
+                                       ("LINEBELOW", (0, 1), (-1, -1), 0.25, colors.lightgrey)]))
+            out.append(table)
         return out
 
     def _files_not_used(self) -> list[Any]:
@@ -308,6 +349,8 @@ def _karyogram_flowable() -> type:
 
 
 def _review_status_short(view: CaseView) -> str:
+    if view.signed is not None:
+        return f"signed off by {view.signed.user}"
     return "unreviewed" if not view.reviewed else f"reviewed by {', '.join(view.reviewers)}"
 
 

@@ -21,7 +21,17 @@ import numpy as np
 from chromobatch.errors import CaseNotFound, ConfigError
 from chromobatch.intake.imaging import decode_png
 from chromobatch.intake.scan import cell_of_rejected
-from chromobatch.store.db import Case, Cell, Chromosome, Database, Label, ModelVersion, Prediction, RejectedFile
+from chromobatch.store.db import (
+    Case,
+    Cell,
+    Chromosome,
+    Database,
+    Label,
+    ModelVersion,
+    Prediction,
+    RejectedFile,
+    SignOff,
+)
 from chromobatch.store.states import LabelSource
 
 NOT_PROVIDED = "not provided"
@@ -88,6 +98,17 @@ class RejectedView:
     cell: str | None
 
 
+@dataclass(frozen=True)
+class SignOffView:
+    """A sign-off (action 'signed': who, when, the final karyotype, the comment) or a reopening."""
+
+    action: str
+    user: str
+    at: datetime | None
+    karyotype: str | None
+    comment: str | None
+
+
 @dataclass
 class CaseView:
     case_id: str
@@ -107,6 +128,12 @@ class CaseView:
     last_review_at: datetime | None
     #: Every rejected file of the case, sorted by path.
     rejected: list[RejectedView] = field(default_factory=list)
+    #: Sign-offs and reopenings of the web review, oldest first; the case is signed when the last is 'signed'.
+    signoffs: list[SignOffView] = field(default_factory=list)
+
+    @property
+    def signed(self) -> SignOffView | None:
+        return self.signoffs[-1] if self.signoffs and self.signoffs[-1].action == "signed" else None
 
     @property
     def dicom(self) -> dict[str, Any]:
@@ -170,7 +197,8 @@ def load_case_view(database: Database, case_id: str, *, cells: int | None = None
         chroms: dict[int, list[tuple[int, str]]] = defaultdict(list)
         for chrom_id, cell_id, source_file in (
                 s.query(Chromosome.id, Chromosome.cell_id, Chromosome.source_file)
-                .filter(Chromosome.case_pk == case.id).order_by(Chromosome.id)):
+                .filter(Chromosome.case_pk == case.id, Chromosome.not_chromosome.is_(False))
+                .order_by(Chromosome.id)):  # an object a reviewer marked "not a chromosome" is left out
             chroms[cell_id].append((chrom_id, source_file))
         preds: dict[int, list[Any]] = defaultdict(list)
         for pred in (s.query(Prediction.id, Prediction.chromosome_id, Prediction.model_version_id, Prediction.label,
@@ -229,6 +257,8 @@ def load_case_view(database: Database, case_id: str, *, cells: int | None = None
             reviewers=sorted({r.reviewer or "unnamed reviewer" for r in reviewed_rows}),
             last_review_at=max((r.created_at for r in reviewed_rows), default=None),
             rejected=rejected,
+            signoffs=[SignOffView(r.action, r.user_name, r.at, r.karyotype, r.comment)
+                      for r in s.query(SignOff).filter(SignOff.case_pk == case.id).order_by(SignOff.id)],
         )
 
 
