@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -511,3 +512,224 @@ def render_metaphase(
         info={"resolution": resolution, "condensation": round(condensation, 4), "scale": round(scale, 4),
               "crowding": round(crowding, 3), "nuclei": placed_nuclei, "blur": round(optics.blur, 3),
               "noise": round(optics.noise, 3)})
+
+
+# ------------------------------------------------------------------------------------------ negatives
+def _sheet_optics(rng: np.random.Generator, stain: str) -> _Optics:
+    """A scanned print or screen grab: even light, little blur and noise."""
+    if stain == "G":
+        return _Optics("G", rng.uniform(235, 252), rng.uniform(0.8, 1.4), rng.uniform(0.5, 0.8),
+                       rng.uniform(0.5, 1.5), 1.0)
+    return _Optics("Q", rng.uniform(0, 8), rng.uniform(150, 230), rng.uniform(0.5, 0.8), rng.uniform(0.5, 1.5), 1.0)
+
+
+def render_blank_field(rng: np.random.Generator, *, stain: str = "G", size: tuple[int, int] = DEFAULT_SIZE,
+                       debris: int | None = None) -> np.ndarray:
+    """A field with no cell in it: uneven background, noise and a few specks of debris (a negative)."""
+    check_style(stain)
+    w, h = _check_size(size)
+    scale = float(rng.uniform(*SCALE_RANGE))
+    density = np.zeros((h, w))
+    n = int(rng.integers(0, 25)) if debris is None else int(debris)
+    _add_blobs(rng, density, np.zeros((h, w), dtype=bool), np.zeros((h, w), dtype=bool),
+               [_speck(rng, scale) for _ in range(n)], margin=0, allow_partial=False)
+    return _expose(density, _draw_optics(rng, stain, draw_imaging(rng, stain)), rng)
+
+
+def render_nucleus_only(rng: np.random.Generator, *, stain: str = "G", size: tuple[int, int] = DEFAULT_SIZE,
+                        nuclei: int | None = None) -> np.ndarray:
+    """One to three interphase nuclei and some debris, no metaphase (a negative)."""
+    check_style(stain)
+    w, h = _check_size(size)
+    scale = float(rng.uniform(*SCALE_RANGE))
+    density = np.zeros((h, w))
+    taken = np.zeros((h, w), dtype=bool)
+    n = int(rng.integers(1, 4)) if nuclei is None else int(nuclei)
+    if n < 1:
+        raise ConfigError(f"a nucleus-only image needs at least one nucleus, got {nuclei!r}")
+    placed = _add_blobs(rng, density, taken, np.zeros((h, w), dtype=bool),
+                        [_nucleus(rng, scale, stain) for _ in range(n)], margin=0, allow_partial=False)
+    if placed == 0:
+        raise ConfigError(f"no nucleus fits in a {w} x {h} image", hint="Use a larger size.")
+    _add_blobs(rng, density, np.zeros((h, w), dtype=bool), taken,
+               [_speck(rng, scale) for _ in range(int(rng.integers(0, 20)))], margin=3, allow_partial=False)
+    return _expose(density, _draw_optics(rng, stain, draw_imaging(rng, stain)), rng)
+
+
+#: Rows of a printed karyogram (ISCN order).
+KARYOGRAM_ROWS: tuple[tuple[str, ...], ...] = (
+    ("1", "2", "3", "4", "5"), ("6", "7", "8", "9", "10", "11", "12"), ("13", "14", "15", "16", "17", "18"),
+    ("19", "20", "21", "22", "X", "Y"))
+
+
+def _text_mask(text: str, height: int) -> np.ndarray:
+    """``text`` rendered as a boolean mask about ``height`` px tall (Pillow's built-in font, no files)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=max(int(height), 6))
+    left, top, right, bottom = font.getbbox(text)
+    img = Image.new("L", (int(math.ceil(right - left)) + 2, int(math.ceil(bottom - top)) + 2), 0)
+    ImageDraw.Draw(img).text((1 - left, 1 - top), text, fill=255, font=font)
+    return np.asarray(img) > 96
+
+
+def _cropped(density: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(density > 0)
+    return density[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def render_karyogram_sheet(rng: np.random.Generator, *, stain: str = "G", size: tuple[int, int] = (1024, 768),
+                           karyotype: str | None = None) -> np.ndarray:
+    """A printed karyogram: the chromosomes of one cell upright in ISCN rows, each class pair over a line
+    with its number beneath (a negative: a report page, not what a microscope delivers)."""
+    check_style(stain)
+    w, h = _check_size(size)
+    if karyotype is None:
+        karyotype = str(rng.choice(NORMAL_KARYOTYPES))
+    cell = karyotype_labels(karyotype)
+    resolution = int(rng.choice(RESOLUTIONS, p=[0.5, 0.4, 0.1]))
+    lo, hi = CONDENSATION_RANGE[resolution]
+    condensation = float(rng.uniform(lo, hi))
+    imaging = draw_imaging(rng, stain)
+    gap = 6
+    rows = []
+    for classes in KARYOGRAM_ROWS:
+        groups = []
+        for c in classes:
+            copies = [_cropped(chromosome_density(c, rng, style=stain, resolution=resolution,
+                                                  condensation=condensation, imaging=imaging, upright=True,
+                                                  tight=True).density) for _ in range(cell.count(c))]
+            groups.append((c, copies))
+        rows.append(groups)
+    label_h = 14
+    sheet_rows = []
+    for groups in rows:
+        height = max((d.shape[0] for _, copies in groups for d in copies), default=20)
+        blocks = []
+        for c, copies in groups:
+            width = max(sum(d.shape[1] for d in copies) + gap * max(len(copies) - 1, 0), 24)
+            block = np.zeros((height + 5 + label_h + 2, width))
+            x = (width - sum(d.shape[1] for d in copies) - gap * max(len(copies) - 1, 0)) // 2
+            for d in copies:  # chromosomes stand on the line
+                block[height - d.shape[0]:height, x:x + d.shape[1]] = d
+                x += d.shape[1] + gap
+            block[height + 2:height + 4, :] = 1.0  # the line under the pair
+            text = _text_mask(c, label_h - 2)
+            tx = max((width - text.shape[1]) // 2, 0)
+            th, tw = text.shape[0], min(text.shape[1], width - tx)
+            ty = height + 6
+            block[ty:ty + th, tx:tx + tw] = np.maximum(block[ty:ty + th, tx:tx + tw], text[:, :tw] * 1.0)
+            blocks.append(block)
+        spacer = np.zeros((blocks[0].shape[0], 28))
+        row = np.concatenate([part for b in blocks for part in (b, spacer)][:-1], axis=1)
+        sheet_rows.append(row)
+    width = max(r.shape[1] for r in sheet_rows) + 80
+    height = sum(r.shape[0] for r in sheet_rows) + 30 * (len(sheet_rows) - 1) + 80
+    sheet = np.zeros((height, width))
+    y = 40
+    for r in sheet_rows:
+        x = (width - r.shape[1]) // 2
+        sheet[y:y + r.shape[0], x:x + r.shape[1]] = r
+        y += r.shape[0] + 30
+    zoom = min(w / width, h / height)
+    small = ndimage.zoom(sheet, zoom, order=1)
+    density = np.zeros((h, w))
+    oy, ox = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
+    density[oy:oy + small.shape[0], ox:ox + small.shape[1]] = small
+    return _expose(density, _sheet_optics(rng, stain), rng)
+
+
+# ------------------------------------------------------------------------------------------ training sets
+def mask_polygon(mask: np.ndarray, origin: tuple[int, int] = (0, 0)) -> list[list[float]]:
+    """The outline of a boolean mask as labelme points [[x, y], ...] in image pixels (pixel centres at
+    integers), traced between inside and outside pixel centres, so rasterising it (pixel centres inside
+    the polygon) gives the mask back up to the odd boundary pixel. The longest outline when it has several.
+    """
+    from skimage.measure import find_contours
+
+    contours = find_contours(np.pad(mask, 1).astype(np.float32), 0.5)
+    if not contours:
+        return []
+    best = max(contours, key=len)
+    x0, y0 = origin
+    return [[round(float(c) - 1 + x0, 2), round(float(r) - 1 + y0, 2)] for r, c in best[:-1]]
+
+
+def write_segmentation_set(out_dir: Path, n: int, stain: str, rng: np.random.Generator, *,
+                           size: tuple[int, int] = DEFAULT_SIZE, val_fraction: float = 0.1) -> Path:
+    """Write ``n`` synthetic metaphases with exact instance masks for training a segmenter; return the manifest.
+
+    Layout (the bioimlab-metaphase layout, so the same loader reads real and synthetic sets)::
+
+        OUT/manifest.csv        image,annotation,labels,masks,stain,instances,overlapping,touching,nuclei,split
+        OUT/images/<name>.png   the metaphase, 8-bit greyscale, in the stain's own polarity (Q bright on dark)
+        OUT/annotations/<name>.json  labelme 4.5-style: one polygon per chromosome, label "chr" (as
+                                the real set), plus "class" (1..22, X, Y), "overlapping" and "touching"
+        OUT/labels/<name>.png   uint16 label map: 0 background, k = chromosome k; a pixel two chromosomes
+                                share carries the one on top (drawn last); nuclei and debris are 0
+        OUT/masks/<name>.npz    exact masks: "masks" (N, H, ceil(W/8)) uint8 = np.packbits of the (N, H, W)
+                                bool instance masks along the last axis (overlaps included; unpack with
+                                np.unpackbits(a, axis=-1, count=W)), "classes" (N,) str, "boxes" (N, 4)
+                                x0,y0,x1,y1 (exclusive), "overlapping"/"touching" (N,) bool, "nuclei" and
+                                "debris" packed the same way (H, ceil(W/8))
+
+    ``stain`` is G, Q or GQ (alternating, for a mixed set). Each image draws its own cell (46,XX or 46,XY,
+    now and then an aneuploid one or a spread that lost a few chromosomes), scale, crowding and rates of
+    touching (0.05-0.3) and overlapping (0.02-0.2) chromosomes. ``split`` is train or val (by image).
+    """
+    import csv
+    import json
+
+    from chromobatch.errors import InputError
+    from chromobatch.intake.imaging import encode_png
+    from chromobatch.synth.karyotypes import KARYOTYPES
+
+    stains = list(stain) if stain == "GQ" else [check_style(stain)]
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n must be a positive integer, got {n!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be within 0..1, got {val_fraction!r}")
+    out_dir = Path(out_dir)
+    manifest = out_dir / "manifest.csv"
+    if manifest.exists():
+        raise InputError(f"{out_dir} already holds a segmentation set; synthetic data is never overwritten",
+                         hint="Write to an empty output folder.")
+    for sub in ("images", "annotations", "labels", "masks"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    n_val = int(round(val_fraction * n))
+    val = set(rng.permutation(n)[:n_val].tolist())
+    rows = []
+    names = list(KARYOTYPES)
+    for i, child in enumerate(rng.spawn(n)):
+        st = stains[i % len(stains)]
+        kt = str(child.choice(NORMAL_KARYOTYPES)) if child.random() < 0.85 else str(child.choice(names))
+        cell = karyotype_labels(kt)
+        if child.random() < 0.2:  # a spread that lost chromosomes (or a frame that holds part of one)
+            keep = child.permutation(len(cell))[:len(cell) - int(child.integers(1, 11))]
+            cell = [cell[j] for j in sorted(keep)]
+        m = render_metaphase(child, labels=cell, stain=st, size=size, overlap_rate=float(child.uniform(0.02, 0.2)),
+                             touch_rate=float(child.uniform(0.05, 0.3)))
+        name = f"syn_{st}_{i + 1:05d}"
+        h, w = m.shape
+        (out_dir / "images" / f"{name}.png").write_bytes(encode_png(m.image))
+        (out_dir / "labels" / f"{name}.png").write_bytes(encode_png(m.labels.astype(np.uint16)))
+        np.savez_compressed(out_dir / "masks" / f"{name}.npz", masks=np.packbits(m.full_masks(), axis=-1),
+                            classes=np.array(m.classes), boxes=np.array(m.boxes, dtype=np.int32).reshape(-1, 4),
+                            overlapping=np.array(m.overlapping), touching=np.array(m.touching),
+                            nuclei=np.packbits(m.nuclei, axis=-1), debris=np.packbits(m.debris, axis=-1))
+        shapes: list[dict[str, object]] = [{"label": "chr", "points": mask_polygon(mk, (b[0], b[1])), "group_id": None,
+                   "shape_type": "polygon", "flags": {}, "class": c, "overlapping": o, "touching": t}
+                  for mk, b, c, o, t in zip(m.masks, m.boxes, m.classes, m.overlapping, m.touching, strict=True)]
+        doc = {"version": "4.5.7", "flags": {}, "shapes": shapes, "imagePath": f"../images/{name}.png",
+               "imageData": None, "imageHeight": h, "imageWidth": w,
+               "synthetic": {"stain": st, "karyotype": kt, **m.info}}
+        (out_dir / "annotations" / f"{name}.json").write_text(json.dumps(doc) + "\n")
+        rows.append([f"images/{name}.png", f"annotations/{name}.json", f"labels/{name}.png", f"masks/{name}.npz",
+                     st, m.count, sum(m.overlapping), sum(m.touching), int(m.info["nuclei"]),
+                     "val" if i in val else "train"])
+    with manifest.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["image", "annotation", "labels", "masks", "stain", "instances", "overlapping", "touching",
+                         "nuclei", "split"])
+        writer.writerows(rows)
+    return manifest

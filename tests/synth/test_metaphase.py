@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +14,15 @@ from scipy import ndimage
 
 from chromobatch.errors import ConfigError
 from chromobatch.synth.karyotypes import karyotype_labels
-from chromobatch.synth.metaphase import Metaphase, render_metaphase
+from chromobatch.synth.metaphase import (
+    Metaphase,
+    mask_polygon,
+    render_blank_field,
+    render_karyogram_sheet,
+    render_metaphase,
+    render_nucleus_only,
+    write_segmentation_set,
+)
 from chromobatch.synth.render import seeded_rng
 
 
@@ -169,3 +180,104 @@ def test_fast_enough() -> None:
         render_metaphase(seeded_rng(seed), stain="GQ"[seed % 2])
     per_spread = (time.process_time() - cpu) / 3
     assert per_spread < 0.5, per_spread
+
+
+# ---------------------------------------------------------------------------------------------- negatives
+def _objects(img: np.ndarray, stain: str) -> tuple[np.ndarray, int]:
+    """Connected objects clearly off the background (the background level is the image median)."""
+    level = float(np.median(img))
+    off = (img.astype(float) < level - 30) if stain == "G" else (img.astype(float) > level + 30)
+    return ndimage.label(off, np.ones((3, 3), bool))
+
+
+@pytest.mark.parametrize("stain", ["G", "Q"])
+def test_blank_field_holds_nothing_large(stain: str) -> None:
+    img = render_blank_field(seeded_rng(2), stain=stain)
+    assert img.shape == (576, 768) and img.dtype == np.uint8
+    lab, n = _objects(img, stain)
+    sizes = np.bincount(lab.ravel())[1:]
+    assert n < 30 and (sizes.max() if n else 0) < 60  # specks at most
+    assert (np.median(img) > 170) if stain == "G" else (np.median(img) < 50)
+
+
+@pytest.mark.parametrize("stain", ["G", "Q"])
+def test_nucleus_only_is_one_to_three_round_blobs(stain: str) -> None:
+    img = render_nucleus_only(seeded_rng(4), stain=stain, nuclei=2)
+    lab, n = _objects(img, stain)
+    sizes = np.bincount(lab.ravel())[1:]
+    big = np.nonzero(sizes > 1500)[0] + 1
+    assert len(big) == 2
+    for k in big:  # round: fills most of its bounding box (pi/4 for an ellipse), unlike a chromosome
+        ys, xs = np.nonzero(lab == k)
+        bh, bw = np.ptp(ys) + 1, np.ptp(xs) + 1
+        assert sizes[k - 1] / (bh * bw) > 0.65 and 0.6 < bh / bw < 1.6
+    with pytest.raises(ConfigError):
+        render_nucleus_only(seeded_rng(4), nuclei=0)
+
+
+@pytest.mark.parametrize("stain", ["G", "Q"])
+def test_karyogram_sheet_has_many_objects_in_rows(stain: str) -> None:
+    img = render_karyogram_sheet(seeded_rng(6), stain=stain, karyotype="46,XY")
+    assert img.shape == (768, 1024)
+    lab, n = _objects(img, stain)
+    sizes = np.bincount(lab.ravel())[1:]
+    objects = ndimage.find_objects(lab)
+    # 46 chromosomes, 24 lines and 24 numbers (digits may split): many separate objects
+    assert n >= 70, n
+    # the lines under each pair: wide, flat objects, in 4 rows
+    lines = [sl for sl in objects if (sl[1].stop - sl[1].start) > 5 * (sl[0].stop - sl[0].start) > 0]
+    rows = sorted({round(sl[0].start / 20) for sl in lines})
+    assert len(lines) >= 20 and 4 <= len(rows) <= 6, (len(lines), rows)
+    # chromosomes stand upright: tall objects, bottoms aligned on the rows' lines
+    tall = [sl for sl, size in zip(objects, sizes, strict=True)
+            if (sl[0].stop - sl[0].start) > 1.5 * (sl[1].stop - sl[1].start) and size > 40]
+    assert len(tall) >= 30
+    bottoms = np.array([sl[0].stop for sl in tall])
+    line_tops = np.array([sl[0].start for sl in lines])
+    # each chromosome stands a few px above a line
+    assert np.mean([((line_tops - b >= 0) & (line_tops - b < 8)).any() for b in bottoms]) > 0.6
+
+
+# ---------------------------------------------------------------------------------------------- files
+def test_segmentation_set_round_trip(tmp_path: Path) -> None:
+    from PIL import Image
+
+    manifest = write_segmentation_set(tmp_path / "seg", 3, "GQ", seeded_rng(8), val_fraction=0.34)
+    rows = list(csv.DictReader(manifest.open()))
+    assert [r["stain"] for r in rows] == ["G", "Q", "G"]
+    assert sorted(r["split"] for r in rows) == ["train", "train", "val"]
+    for r in rows:
+        root = manifest.parent
+        img = np.asarray(Image.open(root / r["image"]))
+        labels = np.asarray(Image.open(root / r["labels"]))
+        assert img.dtype == np.uint8 and img.shape == (576, 768)
+        assert labels.dtype == np.uint16 and labels.max() == int(r["instances"])
+        z = np.load(root / r["masks"])
+        full = np.unpackbits(z["masks"], axis=-1, count=768).astype(bool)
+        assert full.shape == (int(r["instances"]), 576, 768)
+        for k in range(1, full.shape[0] + 1):
+            assert full[k - 1][labels == k].all()
+        assert np.array_equal(labels > 0, full.any(axis=0))
+        assert int(z["overlapping"].sum()) == int(r["overlapping"])
+        doc = json.loads((root / r["annotation"]).read_text())
+        assert len(doc["shapes"]) == full.shape[0] and doc["imageWidth"] == 768
+        assert Counter(s["class"] for s in doc["shapes"]) == Counter(z["classes"].tolist())
+        # the polygons rasterise back to the exact masks (as segment.metrics reads labelme)
+        from skimage.draw import polygon
+
+        for k, shape in enumerate(doc["shapes"][:15]):
+            pts = np.array(shape["points"])
+            rr, cc = polygon(pts[:, 1], pts[:, 0], shape=(576, 768))
+            back = np.zeros((576, 768), bool)
+            back[rr, cc] = True
+            assert (back & full[k]).sum() / (back | full[k]).sum() > 0.95
+    with pytest.raises(Exception, match="already holds"):
+        write_segmentation_set(tmp_path / "seg", 1, "G", seeded_rng(8))
+
+
+def test_mask_polygon_of_a_square() -> None:
+    mask = np.zeros((10, 10), bool)
+    mask[2:6, 3:8] = True
+    pts = np.array(mask_polygon(mask, (100, 50)))
+    assert pts[:, 0].min() >= 102.5 and pts[:, 0].max() <= 107.5
+    assert pts[:, 1].min() >= 51.5 and pts[:, 1].max() <= 55.5
