@@ -244,7 +244,8 @@ class _Report:
             rows.append((f"Earlier: {what}", f"{_fmt_time(r.at)} by {r.user}"
                          + (f": {r.karyotype}" if r.karyotype else "") + (f" ({r.comment})" if r.comment else "")))
         out.append(self._kv_table(rows))
-        changed = [(cell, c) for cell in v.all_cells for c in cell.chromosomes if c.changed_by_review]
+        changed = [(cell, c) for cell in v.all_cells for c in cell.chromosomes
+                   if c.changed_by_review and c.label_source == LabelSource.REVIEWED]  # not imported labels
         out.append(self._p(f"Labels changed by review: {len(changed)}", "body"))
         if changed:
             data: list[list[Any]] = [[self._p(f"<b>{h}</b>", "cell") for h in
