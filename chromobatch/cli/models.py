@@ -20,7 +20,8 @@ models_app = typer.Typer(help="The model registry: candidates, the active model,
 
 
 def _train_from_db(cfg: Any, db: str, *, models_dir: Path | None, margin: float, val_fraction: float,
-                   lock: Path | None, promote: bool, progress: bool, warm_start: bool) -> None:
+                   lock: Path | None, promote: bool, progress: bool, warm_start: bool,
+                   signed_only: bool = False) -> None:
     """`train --db`: retrain.retrain, with its own exit code when another run holds the lock."""
     from chromobatch.errors import TrainingLocked
     from chromobatch.registry.retrain import RetrainOptions, retrain
@@ -32,7 +33,8 @@ def _train_from_db(cfg: Any, db: str, *, models_dir: Path | None, margin: float,
         result = retrain(database, cfg, RetrainOptions(models_dir=Path(s.models_dir), margin=margin,
                                                        val_fraction=val_fraction,
                                                        lock_path=Path(s.train_lock) if s.train_lock else None,
-                                                       promote=promote, warm_start=warm_start),
+                                                       promote=promote, warm_start=warm_start,
+                                                       signed_only=signed_only),
                          progress=progress)
     except TrainingLocked as exc:
         typer.echo(f"skipped: {exc}", err=True)
@@ -211,6 +213,9 @@ def train(
     = True,
     warm_start: Annotated[bool, typer.Option("--warm-start", help="--db: fine-tune the active model (its "
                           "architecture and preprocessing) instead of training from random weights.")] = False,
+    signed_only: Annotated[bool, typer.Option("--signed-only", help="--db: train on the cases signed off in the web "
+                                                                    "review only (default: every labelled case).")]
+    = False,
 ) -> None:
     """Train a classifier with supervised contrastive learning (torchrun-aware: same command, DDP).
 
@@ -229,7 +234,7 @@ def train(
                       time_budget_s=None if time_budget is None else time_budget * 60)
     if db is not None:
         _train_from_db(cfg, db, models_dir=models_dir, margin=margin, val_fraction=val_fraction, lock=lock,
-                       promote=promote, progress=progress, warm_start=warm_start)
+                       promote=promote, progress=progress, warm_start=warm_start, signed_only=signed_only)
         return
     assert data is not None and out is not None
     _print_training(run_training(cfg, data, out, resume=resume, progress=progress), backbone)

@@ -33,7 +33,7 @@ from chromobatch.registry.lock import TrainingLock, default_lock_path
 from chromobatch.registry.promote import activate, note_event
 from chromobatch.registry.register import register_model
 from chromobatch.store.db import Case, Chromosome, Database, Label, ModelVersion, active_model, utcnow
-from chromobatch.store.states import ModelStatus
+from chromobatch.store.states import ModelStatus, ReviewState
 from chromobatch.training.distributed import broadcast_object, init_distributed, shutdown
 from chromobatch.training.records import Record
 
@@ -96,8 +96,12 @@ def assign_validation(keys: set[str], val_fraction: float, salt: str = "") -> se
     return val
 
 
-def build_training_set(database: Database, *, val_fraction: float = 0.2, salt: str = "") -> TrainingSet:
+def build_training_set(database: Database, *, val_fraction: float = 0.2, salt: str = "",
+                       signed_only: bool = False) -> TrainingSet:
     """Every chromosome whose newest label is reviewed or imported, decoded, split by patient.
+
+    signed_only: only the cases a reviewer signed off in the web review (their imported labels too); objects
+    a reviewer marked "not a chromosome" never train.
 
     Streams the rows (crop PNGs can be many): one query for the cases, one for chromosome + newest label.
     """
@@ -109,8 +113,10 @@ def build_training_set(database: Database, *, val_fraction: float = 0.2, salt: s
                     Label.source)
              .join(Label, Label.chromosome_id == Chromosome.id)
              .join(newest, newest.c.lid == Label.id)
-             .where(Label.source.in_(("reviewed", "imported")))
+             .where(Label.source.in_(("reviewed", "imported")), Chromosome.not_chromosome.is_(False))
              .order_by(Chromosome.id))
+        if signed_only:
+            q = q.join(Case, Case.id == Chromosome.case_pk).where(Case.review_state == ReviewState.SIGNED)
         if database.dialect == "postgresql":
             # A streamed (server-side) cursor is planned for its first rows by default, which picks a plan
             # ~100x slower for reading them all; we read them all.
@@ -177,6 +183,8 @@ class RetrainOptions:
     #: Start from the active model's weights (its backbone, size and preprocessing) instead of random init:
     #: a nightly CPU run then fine-tunes for its steps rather than learning from nothing.
     warm_start: bool = False
+    #: Train on the cases signed off in the web review only (`train --db --signed-only`).
+    signed_only: bool = False
 
 
 @dataclass
@@ -305,9 +313,9 @@ def _take_lock(database: Database, opts: RetrainOptions) -> tuple[TrainingLock |
 def _database_training_set(database: Database, opts: RetrainOptions) -> TrainingSet:
     """The training set, refused when it cannot train: nothing labelled, or a class missing (every step
     needs one image of each class)."""
-    data = build_training_set(database, val_fraction=opts.val_fraction, salt=opts.salt)
+    data = build_training_set(database, val_fraction=opts.val_fraction, salt=opts.salt, signed_only=opts.signed_only)
     if not data.train:
-        raise DataError("no labelled chromosomes to train on",
+        raise DataError("no labelled chromosomes to train on" + (" in signed-off cases" if opts.signed_only else ""),
                         hint="Import labels (labels.csv) or review cases (`chromobatch review --accept`).")
     present = {r.label for r in data.train}
     missing = [c for k, c in enumerate(CLASSES) if k not in present]
