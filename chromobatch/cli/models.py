@@ -84,6 +84,7 @@ def models_promote(
 @friendly
 def models_rollback(
     reason: Annotated[str | None, typer.Option(help="Why (kept in the registry).")] = None,
+    stain: Annotated[str, typer.Option(help="The stain whose active model is rolled back: G or Q.")] = "G",
     db: DbOpt = None,
 ) -> None:
     """Re-activate the model that was active before the current one; the current one is retired."""
@@ -91,7 +92,7 @@ def models_rollback(
     from chromobatch.store.db import connect
 
     with connect(settings(db=db).db) as database:
-        old, new = rollback(database, reason=reason)
+        old, new = rollback(database, reason=reason, stain=stain)
     typer.echo(f"retired {old.name} {old.version} (id {old.id}); {new.name} {new.version} (id {new.id}) is "
                "active again")
 
@@ -176,6 +177,9 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.")] = False,
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Warm start: begin from this model "
                          "folder's weights and preprocessing (fresh optimiser and schedule).")] = None,
+    freeze: Annotated[str, typer.Option("--freeze", help="Comma-separated parameter-name prefixes to keep frozen "
+                      "(e.g. backbone.conv1,backbone.bn1,backbone.layer1): a cheaper fine-tune of --init-from.")]
+    = "",
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")]
     = _default("checkpoint_every"),
     val_every: Annotated[int, typer.Option("--val-every", help="Steps between validations.")] = _default("val_every"),
@@ -231,6 +235,7 @@ def train(
                       lr=lr, seed=seed, preprocess=preprocess, checkpoint_every=checkpoint_every, val_every=val_every,
                       patience=patience, device=device, variant=variant, augment=AugmentConfig(rotate_deg=rotate),
                       init_from=str(init_from) if init_from is not None else None, size_prior=size_prior,
+                      freeze=tuple(freeze.split(",")),
                       time_budget_s=None if time_budget is None else time_budget * 60)
     if db is not None:
         _train_from_db(cfg, db, models_dir=models_dir, margin=margin, val_fraction=val_fraction, lock=lock,

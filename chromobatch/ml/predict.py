@@ -8,7 +8,7 @@ bf16 autocast and channels_last, on the CPU in fp32.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from chromobatch.ml.folders import LoadedModel, load_model
 from chromobatch.ml.forward import forward_canvases
 from chromobatch.ml.preprocess import render
 from chromobatch.store.db import Database, ModelVersion, active_model
+from chromobatch.store.states import Stain
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,28 @@ class Predictor:
         self.sha256 = version.sha256
         self.batch_size = batch_size
         self.loader_workers = loader_workers
-        #: True when the model was named explicitly: never swapped for the database's active model.
+        #: True when the model was named explicitly: never swapped for the database's active model, and it reads
+        #: every case whatever its stain.
         self.pinned = pinned
+        #: The stain this model serves (its registry row's, else its model.json's; none: G-band).
+        self.stain = Stain.of((version.metrics or {}).get("stain") or model.meta.get("stain"))
+        #: Set by the registry (`registry.register.load_predictor`): the predictor for another stain, or None
+        #: when none is registered or shipped for it. Unset: this model reads every case.
+        self.route: Callable[[Stain], Predictor | None] | None = None
+
+    def for_polarity(self, polarity: str | None) -> Predictor:
+        """The predictor for a case whose crops have this polarity (the scan's majority): the model that
+        serves its stain when the registry has one, else this one (logged). Why here and not in the pipeline:
+        the pipeline asks one question per case and stays the same when stains or models are added."""
+        stain = Stain.from_polarity(polarity)
+        if self.pinned or stain is None or stain == self.stain or self.route is None:
+            return self
+        other = self.route(stain)
+        if other is None:
+            log.warning("no %s model registered or shipped: a %s case is read by %s (a %s model)", stain.band,
+                        stain.band, self.version_name, self.stain.band)
+            return self
+        return other
 
     def predict(self, crops: Sequence[np.ndarray], medians: Sequence[float | None] | None = None,
                 rel_inks: Sequence[float] | None = None) -> np.ndarray:
@@ -71,7 +92,7 @@ class Predictor:
         if self.pinned:
             return False
         with database.session() as s:
-            active = active_model(s)
+            active = active_model(s, stain=self.stain)
             if active is None or active.id == self.version_id:
                 return False
         # loaded outside the transaction: on SQLite a session holds the write lock every worker needs

@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from chromobatch.errors import ModelError
-from chromobatch.store.db import Database, ModelVersion, utcnow
-from chromobatch.store.states import ModelStatus
+from chromobatch.store.db import Database, ModelVersion, model_stain, utcnow
+from chromobatch.store.states import ModelStatus, Stain
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,14 @@ def note_event(row: ModelVersion, event: str, reason: str | None, at: datetime) 
 
 
 def activate(s: Session, row: ModelVersion, reason: str, event: str = "promoted") -> None:
-    """Make `row` the one active model: whatever was active is retired, in the same transaction."""
+    """Make `row` the active model of its stain: whatever served that stain is retired, in the same
+    transaction (the active model of another stain stays)."""
     now = utcnow()
     others = (s.query(ModelVersion).filter(ModelVersion.status == ModelStatus.ACTIVE, ModelVersion.id != row.id)
               .with_for_update().all())
     for other in others:
+        if model_stain(other) != model_stain(row):
+            continue
         other.status = ModelStatus.RETIRED
         note_event(other, "retired", f"replaced by {row.name} {row.version}", now)
     row.status, row.promoted_at, row.reason = ModelStatus.ACTIVE, now, reason
@@ -64,7 +67,7 @@ def find_version(s: Session, ref: str) -> ModelVersion:
 def list_models(database: Database) -> list[dict[str, Any]]:
     with database.session() as s:
         return [{"id": r.id, "name": r.name, "version": r.version, "status": r.status, "backbone": r.backbone,
-                 "val_accuracy": (r.metrics or {}).get("val", {}).get("accuracy"),
+                 "stain": model_stain(r).value, "val_accuracy": (r.metrics or {}).get("val", {}).get("accuracy"),
                  "created_at": r.created_at, "promoted_at": r.promoted_at, "reason": r.reason, "file": r.file,
                  "history": list((r.metrics or {}).get("history", []))}
                 for r in s.query(ModelVersion).order_by(ModelVersion.id)]
@@ -81,24 +84,27 @@ def promote(database: Database, ref: str, *, reason: str | None = None) -> Model
     return row
 
 
-def rollback(database: Database, *, reason: str | None = None) -> tuple[ModelVersion, ModelVersion]:
-    """Re-activate the model that was active before the current one and retire the current one.
+def rollback(database: Database, *, reason: str | None = None, stain: str = Stain.G) -> tuple[ModelVersion,
+                                                                                            ModelVersion]:
+    """Re-activate the model of `stain` that was active before the current one and retire the current one.
 
-    'Before' = the retired model retired most recently (by the history), else the latest promoted_at.
-    Returns (retired, reactivated).
+    'Before' = the retired model of that stain retired most recently (by the history), else the latest
+    promoted_at. Returns (retired, reactivated).
     """
+    stain = Stain.of(stain)
     with database.session() as s:
-        current = (s.query(ModelVersion).filter_by(status=ModelStatus.ACTIVE).order_by(ModelVersion.id.desc())
-                   .with_for_update().first())
+        current = next((r for r in s.query(ModelVersion).filter_by(status=ModelStatus.ACTIVE)
+                        .order_by(ModelVersion.id.desc()).with_for_update() if model_stain(r) == stain), None)
         if current is None:
-            raise ModelError("no active model to roll back")
+            raise ModelError(f"no active {stain.band} model to roll back")
 
         def retired_at(r: ModelVersion) -> str:
             times = [h["at"] for h in (r.metrics or {}).get("history", []) if h.get("event") == "retired"]
             return max(times) if times else (r.promoted_at.isoformat() if r.promoted_at else "")
 
         previous = [r for r in s.query(ModelVersion).filter(ModelVersion.status == ModelStatus.RETIRED,
-                                                            ModelVersion.promoted_at.isnot(None))]
+                                                            ModelVersion.promoted_at.isnot(None))
+                    if model_stain(r) == stain]
         if not previous:
             raise ModelError("no previously active model to roll back to",
                              hint="Promote a candidate with `chromobatch models promote VERSION`.")
@@ -110,11 +116,14 @@ def rollback(database: Database, *, reason: str | None = None) -> tuple[ModelVer
 
 
 def format_models(rows: list[dict[str, Any]]) -> list[str]:
-    """Lines for `chromobatch models list`."""
-    out = [f"{'id':>4}  {'status':<9}  {'name':<16}  {'version':<18}  {'val acc':>7}  {'promoted':<19}  reason"]
+    """Lines for `chromobatch models list`; 'serves' names the stain each active model reads."""
+    out = [f"{'id':>4}  {'status':<9}  {'serves':<8}  {'name':<16}  {'version':<18}  {'val acc':>7}  "
+           f"{'promoted':<19}  reason"]
     for r in rows:
         acc = f"{r['val_accuracy']:.4f}" if isinstance(r["val_accuracy"], (int, float)) else "-"
         promoted = r["promoted_at"].strftime("%Y-%m-%d %H:%M:%S") if r["promoted_at"] else "-"
-        out.append(f"{r['id']:>4}  {r['status']:<9}  {r['name'][:16]:<16}  {r['version'][:18]:<18}  {acc:>7}  "
-                   f"{promoted:<19}  {r['reason'] or ''}")
+        band = Stain.of(r.get("stain")).band
+        serves = band if r["status"] == ModelStatus.ACTIVE else f"({band})"
+        out.append(f"{r['id']:>4}  {r['status']:<9}  {serves:<8}  {r['name'][:16]:<16}  {r['version'][:18]:<18}  "
+                   f"{acc:>7}  {promoted:<19}  {r['reason'] or ''}")
     return out

@@ -203,6 +203,7 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
     scanned = scan_case(Path(case_dir), polarity=settings.polarity, max_pixels=settings.max_image_pixels,
                         input_kind=settings.input)
     cut_metaphases(database, scanned, settings, segmenter)
+    predictor = predictor.for_polarity(scanned.meta.get("polarity"))  # the model of the case's stain
     for file, reason in sorted(scanned.rejected.items()):
         log.warning("case %s: file not used: %s: %s", scanned.case_id, file, reason)
     t_scan = time.perf_counter()
@@ -350,7 +351,7 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
             entry["flags"].append("incomplete_input")
             entry["rejected_files"] = not_used[entry["cell"]]
     summary["model"] = {"name": version.name if version else None, "version": version.version if version else None,
-                        "sha256": predictor.sha256}
+                        "sha256": predictor.sha256, "stain": predictor.stain.value}
     case.summary = summary
     case.karyotype = summary["karyotype"]
     case.status, case.error, case.processed_at = CaseStatus.DONE, None, utcnow()

@@ -34,7 +34,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from chromobatch.errors import DatabaseError
-from chromobatch.store.states import CaseStatus, JobState, ModelStatus, ReviewState
+from chromobatch.store.states import CaseStatus, JobState, ModelStatus, ReviewState, Stain
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +205,22 @@ class ModelVersion(Base):
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
-def active_model(s: Session, *, exclude_id: int | None = None) -> ModelVersion | None:
-    """The model new cases use: the newest row with status 'active' (one query for every caller)."""
+def model_stain(row: ModelVersion) -> Stain:
+    """The stain a registered model serves (metrics["stain"]; none recorded: G-band)."""
+    return Stain.of((row.metrics or {}).get("stain"))
+
+
+def active_model(s: Session, *, exclude_id: int | None = None, stain: str | None = Stain.G) -> ModelVersion | None:
+    """The model new cases of a stain use: the newest row with status 'active' that serves `stain` (None: any
+    stain). One active model per stain; the stain is kept in the metrics JSON, so it is filtered here, over
+    the few active rows, not in SQL."""
     q = select(ModelVersion).where(ModelVersion.status == ModelStatus.ACTIVE)
     if exclude_id is not None:
         q = q.where(ModelVersion.id != exclude_id)
-    return s.execute(q.order_by(ModelVersion.id.desc()).limit(1)).scalar_one_or_none()
+    for row in s.execute(q.order_by(ModelVersion.id.desc())).scalars():
+        if stain is None or model_stain(row) == stain:
+            return row
+    return None
 
 
 class Prediction(Base):

@@ -110,14 +110,15 @@ def load_init(cfg: TrainConfig) -> LoadedModel:
     assert cfg.init_from
     init = load_model(cfg.init_from)
     meta = init.meta
-    want = {"backbone": cfg.backbone, "embed_dim": cfg.embed_dim, "input_size": cfg.input_size,
-            "preprocess": cfg.preprocess, "orient": cfg.orient}
-    have = {"backbone": meta["backbone"], "embed_dim": int(meta["embed_dim"]), "input_size": init.spec.input_size,
-            "preprocess": init.spec.mode, "orient": init.spec.orient}
+    # the input size may differ: a convolutional backbone's weights do not depend on it (one that does fails
+    # when the weights are loaded, with the tensor named)
+    want = {"backbone": cfg.backbone, "embed_dim": cfg.embed_dim, "preprocess": cfg.preprocess, "orient": cfg.orient}
+    have = {"backbone": meta["backbone"], "embed_dim": int(meta["embed_dim"]), "preprocess": init.spec.mode,
+            "orient": init.spec.orient}
     diff = [f"{k} {have[k]!r} (this run: {want[k]!r})" for k in want if have[k] != want[k]]
     if diff:
         raise ConfigError(f"--init-from {cfg.init_from}: the model has " + ", ".join(diff),
-                          hint="Pass the same --backbone/--input-size/--embed-dim/--preprocess/--orient as that model.")
+                          hint="Pass the same --backbone/--embed-dim/--preprocess/--orient as that model.")
     return init
 
 

@@ -59,6 +59,10 @@ class TrainConfig:
     #: warm start: a model folder whose weights (and preprocessing) the run starts from; the optimiser and
     #: the schedule start fresh. Backbone, input size and embed_dim must match. None = random init.
     init_from: str | None = None
+    #: parameter-name prefixes kept frozen (no gradient, no update; BatchNorm statistics still adapt), e.g.
+    #: "backbone.conv1", "backbone.layer1": fine-tuning a warm start on a small set at a fraction of the
+    #: backward pass's cost. Empty = train everything.
+    freeze: tuple[str, ...] = ()
     #: after training, fit the size prior (chromobatch.sizeprior) on the training cells and tune its weight
     #: on the validation cells; it is stored only when it improves validation accuracy.
     size_prior: bool = True
@@ -69,6 +73,7 @@ class TrainConfig:
     time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
+        self.freeze = tuple(p.strip() for p in self.freeze if p.strip())
         if isinstance(self.augment, dict):
             aug = dict(self.augment)
             for k in ("gamma_range", "gain_range"):

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from chromobatch import NUM_CLASSES
-from chromobatch.errors import DataError, ModelError
+from chromobatch.errors import ConfigError, DataError, ModelError
 from chromobatch.ml.device import resolve_device
 from chromobatch.ml.factory import ChromosomeNet, create_model
 from chromobatch.ml.folders import META, LoadedModel, save_model, update_meta
@@ -240,7 +240,7 @@ def _choose_spec(
         return PreprocessSpec.from_dict(ckpt[1]["preprocess"]), None
     if cfg.init_from:
         init = load_init(cfg)
-        return init.spec, init
+        return replace(init.spec, input_size=cfg.input_size), init
     scale = cfg.scale or choose_scale((chromosome_length(r.crop) for r in train_recs), cfg.input_size)
     spec = PreprocessSpec(mode=cfg.preprocess, input_size=cfg.input_size, scale=round(scale, 6),
                           orient=cfg.orient, size_power=cfg.size_power)
@@ -274,8 +274,23 @@ def _build_net(
     """The network (warm-started from `init`), its Adam optimiser and the loss weights."""
     net = create_model(cfg.backbone, embed_dim=cfg.embed_dim, input_size=cfg.input_size).to(device)
     if init is not None:
-        net.load_state_dict(init.net.state_dict())
+        try:
+            net.load_state_dict(init.net.state_dict())
+        except RuntimeError as exc:
+            raise ConfigError(f"--init-from {cfg.init_from}: its weights do not fit this network ({exc})",
+                              hint="A backbone whose weights depend on the input size needs the model's "
+                                   f"--input-size ({init.spec.input_size}).") from None
         log.info("warm start from %s (model identity %s)", cfg.init_from, init.sha256[:12])
+    frozen = [name for name, p in net.named_parameters() if cfg.freeze and name.startswith(cfg.freeze)]
+    for name, p in net.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    if cfg.freeze:
+        if not frozen:
+            raise ConfigError(f"--freeze {','.join(cfg.freeze)}: no parameter name starts with these",
+                              hint="Parameter names look like backbone.layer1.0.conv1.weight.")
+        log.info("%d of %d parameter tensors frozen (%s)", len(frozen), len(list(net.parameters())),
+                 ", ".join(cfg.freeze))
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     loss_cfg = cfg.loss_config()

@@ -258,6 +258,25 @@ def test_init_from_starts_at_the_given_weights_and_records_it(tmp_path: Path) ->
     assert chained["total_steps"] == 9
 
 
+def test_init_from_at_another_input_size_with_frozen_layers(tmp_path: Path) -> None:
+    """A convolutional warm start may change the input size; frozen tensors do not move, the rest does."""
+    recs = blob_records(3, split="train")
+    first = train(tiny_config(steps=4, val_every=1000, scale=0.5), recs, tmp_path / "first", progress=False)
+    start = load_file(str(first.model_dir / "model.safetensors"))
+    # parameters only: BatchNorm's running statistics still adapt in a frozen layer
+    frozen = sorted(k for k in start if k.startswith("backbone.conv1") and "running_" not in k and "num_batches" not in k)
+    assert frozen
+    res = train(tiny_config(steps=3, val_every=1000, input_size=48, init_from=str(first.model_dir),
+                            freeze=("backbone.conv1", " ")), recs, tmp_path / "warm", progress=False)  # fmt: skip
+    warm = load_file(str(res.model_dir / "model.safetensors"))
+    assert all(torch.equal(warm[k], start[k]) for k in frozen)
+    assert not torch.allclose(warm["embed.weight"], start["embed.weight"])
+    meta = json.loads((res.model_dir / "model.json").read_text())
+    assert meta["preprocess"]["input_size"] == 48 and meta["training"]["config"]["freeze"] == ["backbone.conv1"]
+    with pytest.raises(ConfigError, match="no parameter name starts with"):
+        train(tiny_config(steps=1, freeze=("nothing.",)), recs, tmp_path / "x", progress=False)
+
+
 def test_init_from_rejects_a_different_architecture(tmp_path: Path) -> None:
     from chromobatch.errors import ConfigError
 
