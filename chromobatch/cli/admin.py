@@ -69,13 +69,21 @@ def synth(
     = 0.3,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same bytes.")] = 0,
     style: Annotated[str, typer.Option(help="G (dark bands on light) or Q (bright bands on dark).")] = "G",
+    metaphase: Annotated[bool, typer.Option("--metaphase", help="One whole metaphase image per cell instead of "
+                                            "chromosome crops (truth.json holds each cell's count and classes).")]
+    = False,
+    metaphase_layout: Annotated[str, typer.Option(help="With --metaphase: flat (CASE/cellNN.png) or folder "
+                                                  "(CASE/cellNN/metaphase.png).")] = "flat",
 ) -> None:
-    """Write synthetic cases drawn from the GRCh38 ideogram, each with labels.csv and truth.json."""
+    """Write synthetic cases drawn from the GRCh38 ideogram, each with truth.json (and labels.csv for crops)."""
     from chromobatch.synth.cases import generate_cases
 
     paths = generate_cases(out, cases=cases, cells=cells, fmt=fmt, abnormal_rate=abnormal_rate, seed=seed,
-                           style=style)
+                           style=style, metaphase=metaphase_layout if metaphase else None)
     for path in paths:
-        typer.echo(f"  {path.name}  {json.loads((path / 'truth.json').read_text())['karyotype']}")
-    typer.echo(f"wrote {len(paths)} synthetic {style}-band cases ({fmt}, {cells} cells each) to {out}")
+        truth = json.loads((path / "truth.json").read_text())
+        counts = f"  counts {','.join(str(c['count']) for c in truth['cells'])}" if metaphase else ""
+        typer.echo(f"  {path.name}  {truth['karyotype']}{counts}")
+    kind = f"whole metaphases, {metaphase_layout}" if metaphase else fmt
+    typer.echo(f"wrote {len(paths)} synthetic {style}-band cases ({kind}, {cells} cells each) to {out}")
 

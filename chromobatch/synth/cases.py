@@ -1,9 +1,10 @@
 """Synthetic case folders and training sets, in the formats ingest reads.
 
 A case is PNG cell folders or flat DICOM (Secondary Capture, one series per cell) with ``labels.csv`` and
-``truth.json``; a training set is PNG crops of normal cells with a ``manifest.csv``. Folders appear whole
-(written under a hidden name, then renamed). All randomness comes from one integer seed: the same seed (and
-case id) gives the same bytes.
+``truth.json``, or (``metaphase``) one whole metaphase image per cell (chromobatch.synth.metaphase) with
+``truth.json`` only: the count and classes of each cell; a training set is PNG crops of normal cells with a
+``manifest.csv``. Folders appear whole (written under a hidden name, then renamed). All randomness comes from
+one integer seed: the same seed (and case id) gives the same bytes.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import re
 import shutil
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from chromobatch import CLASSES
 from chromobatch.errors import ConfigError, InputError, InvalidCaseId
 from chromobatch.intake.imaging import encode_png
 from chromobatch.synth.karyotypes import (
@@ -36,6 +39,9 @@ from chromobatch.synth.render import check_style, render_cell, seeded_rng
 log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("png", "dicom")
+#: Whole-metaphase layouts: ``flat`` = CASE/cellNN.png (DICOM: one instance per cell), ``folder`` =
+#: CASE/cellNN/metaphase.png.
+METAPHASE_LAYOUTS: tuple[str, ...] = ("flat", "folder")
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 _CASE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
@@ -130,17 +136,26 @@ def generate_case(
     seed: int,
     style: str = "G",
     monochrome1: float | None = None,
+    metaphase: str | None = None,
+    metaphase_options: dict[str, Any] | None = None,
 ) -> Path:
     """Write one synthetic case folder ``out_dir/case_id`` and return it.
 
     ``karyotype`` is one name for all cells, or a list with one name per cell (a mosaic). PNG: ``cellNN/cNN.png``
     in shuffled order; DICOM: flat ``iNNNN.dcm``, one series per cell. ``monochrome1`` is the fraction of
     DICOM instances stored inverted (MONOCHROME1); None draws it per case (mostly 0, sometimes all or half).
-    Same seed and case id -> same bytes.
+    ``metaphase`` (flat or folder, see METAPHASE_LAYOUTS) writes one whole metaphase per cell instead of
+    crops, and no labels.csv: truth.json (a sidecar the scanner ignores) holds each cell's file, count and
+    classes. ``metaphase_options`` go to synth.metaphase.render_metaphase (overlap_rate, touch_rate,
+    crowding, scale, nuclei, debris). Same seed and case id -> same bytes.
     """
     _check_common(cells, seed, style)
     if fmt not in FORMATS:
         raise ConfigError(f"format must be png or dicom, got {fmt!r}")
+    if metaphase is not None and metaphase not in METAPHASE_LAYOUTS:
+        raise ConfigError(f"metaphase layout must be flat or folder, got {metaphase!r}")
+    if metaphase == "folder" and fmt == "dicom":
+        raise ConfigError("DICOM metaphases are written flat (one instance per cell); use --metaphase-layout flat")
     if not _CASE_ID.fullmatch(case_id):
         raise InvalidCaseId(f"invalid case id {case_id!r}: letters, digits, '-', '_' and '.' only")
     kts = [karyotype] * cells if isinstance(karyotype, str) else list(karyotype)
@@ -158,13 +173,19 @@ def generate_case(
     final = Path(out_dir) / case_id
     tmp = _new_folder(final)
     try:
-        rows, cell_truth = _write_cells(tmp, case_id, kts, fmt, seed, key, style, monochrome1, case_rng)
-        with (tmp / "labels.csv").open("w", newline="") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["file", "label"])
-            writer.writerows(sorted(rows))
+        if metaphase is None:
+            rows, cell_truth = _write_cells(tmp, case_id, kts, fmt, seed, key, style, monochrome1, case_rng)
+            with (tmp / "labels.csv").open("w", newline="") as fh:
+                writer = csv.writer(fh, lineterminator="\n")
+                writer.writerow(["file", "label"])
+                writer.writerows(sorted(rows))
+        else:
+            cell_truth = _write_metaphases(tmp, case_id, kts, fmt, seed, key, style, monochrome1, case_rng,
+                                           metaphase, dict(metaphase_options or {}))
         truth = {"case_id": case_id, "format": fmt, "style": style, "seed": seed,
                  "karyotype": case_karyotype(kts), "sex": patient_sex(kts), "cells": cell_truth}
+        if metaphase is not None:
+            truth["input"] = f"metaphase ({metaphase})"
         (tmp / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
         _finish_folder(tmp, final)
     except BaseException:
@@ -174,24 +195,58 @@ def generate_case(
     return final
 
 
+def _study_tags(case_id: str, kts: list[str], seed: int, case_rng: np.random.Generator) -> dict[str, object]:
+    date = _dt.date(2021, 1, 1) + _dt.timedelta(days=int(case_rng.integers(0, 1500)))
+    return {
+        "PatientID": f"SYNTH-{case_id}"[:64],
+        "PatientName": f"SYNTH^{case_id}"[:64],
+        "PatientSex": patient_sex(kts),
+        "AccessionNumber": f"SYN{zlib.crc32(f'{seed}/{case_id}'.encode()) % 10**9:09d}",
+        "StudyDate": date.strftime("%Y%m%d"),
+        "StudyTime": f"{int(case_rng.integers(8, 18)):02d}{int(case_rng.integers(0, 60)):02d}00",
+        "StudyID": f"{int(case_rng.integers(1, 10**6))}",
+        "StudyInstanceUID": _uid(seed, case_id, "study"),
+        "StudyDescription": "Synthetic karyotype",
+    }
+
+
+def _write_metaphases(tmp: Path, case_id: str, kts: list[str], fmt: str, seed: int, key: int, style: str,
+                      monochrome1: float, case_rng: np.random.Generator, layout: str,
+                      options: dict[str, Any]) -> list[dict]:
+    """One whole metaphase per cell; returns each cell's truth (file, count, classes, contacts)."""
+    from chromobatch.synth.metaphase import render_metaphase
+
+    study = _study_tags(case_id, kts, seed, case_rng) if fmt == "dicom" else {}
+    cell_truth: list[dict] = []
+    for ci, kt in enumerate(kts, start=1):
+        spread = render_metaphase(seeded_rng(seed, key, ci), karyotype=kt, stain=style, **options)
+        cell = f"cell{ci:02d}"
+        if fmt == "png":
+            name = f"{cell}.png" if layout == "flat" else f"{cell}/metaphase.png"
+            if layout == "folder":
+                (tmp / cell).mkdir()
+            (tmp / name).write_bytes(encode_png(spread.image))
+        else:
+            cell = _uid(seed, case_id, "series", ci)
+            name = f"i{ci:04d}.dcm"
+            tags = dict(study, SeriesInstanceUID=cell, SeriesNumber=ci, InstanceNumber=1,
+                        SeriesDescription=f"Synthetic metaphase {ci}", SOPInstanceUID=_uid(seed, case_id, "sop", ci, 1),
+                        ContentDate=study["StudyDate"], SeriesDate=study["StudyDate"])
+            (tmp / name).write_bytes(_dicom_bytes(spread.image, tags, bool(case_rng.random() < monochrome1)))
+        cell_truth.append({
+            "cell": cell, "file": name, "karyotype": kt, "count": spread.count,
+            "classes": sorted(spread.classes, key=CLASSES.index),
+            "overlapping": int(sum(spread.overlapping)), "touching": int(sum(spread.touching)),
+            "nuclei": int(spread.info["nuclei"]), "resolution": int(spread.info["resolution"]),
+            "condensation": float(spread.info["condensation"]), "scale": float(spread.info["scale"])})
+    return cell_truth
+
+
 def _write_cells(tmp: Path, case_id: str, kts: list[str], fmt: str, seed: int, key: int, style: str,
                  monochrome1: float, case_rng: np.random.Generator) -> tuple[list[list[str]], list[dict]]:
     rows: list[list[str]] = []
     cell_truth: list[dict] = []
-    study = {}
-    if fmt == "dicom":
-        date = _dt.date(2021, 1, 1) + _dt.timedelta(days=int(case_rng.integers(0, 1500)))
-        study = {
-            "PatientID": f"SYNTH-{case_id}"[:64],
-            "PatientName": f"SYNTH^{case_id}"[:64],
-            "PatientSex": patient_sex(kts),
-            "AccessionNumber": f"SYN{zlib.crc32(f'{seed}/{case_id}'.encode()) % 10**9:09d}",
-            "StudyDate": date.strftime("%Y%m%d"),
-            "StudyTime": f"{int(case_rng.integers(8, 18)):02d}{int(case_rng.integers(0, 60)):02d}00",
-            "StudyID": f"{int(case_rng.integers(1, 10**6))}",
-            "StudyInstanceUID": _uid(seed, case_id, "study"),
-            "StudyDescription": "Synthetic karyotype",
-        }
+    study = _study_tags(case_id, kts, seed, case_rng) if fmt == "dicom" else {}
     instance = 0
     for ci, kt in enumerate(kts, start=1):
         labels, crops, cond = render_cell(kt, seeded_rng(seed, key, ci), style=style)
@@ -245,9 +300,11 @@ def generate_cases(
     abnormal_rate: float = 0.3,
     seed: int = 0,
     style: str = "G",
+    metaphase: str | None = None,
 ) -> list[Path]:
     """Write ``cases`` case folders SYN0001... of ``cells`` cells; round(abnormal_rate*cases) are abnormal
-    (trisomies, sex-chromosome aneuploidies, a quarter of them mosaics). Returns the case folders."""
+    (trisomies, sex-chromosome aneuploidies, a quarter of them mosaics). ``metaphase`` (flat or folder):
+    one whole metaphase image per cell instead of crops (see generate_case). Returns the case folders."""
     _check_common(cells, seed, style)
     if not isinstance(cases, int) or cases < 1:
         raise ConfigError(f"cases must be a positive integer, got {cases!r}")
@@ -259,8 +316,9 @@ def generate_cases(
     paths = []
     for i, kts in enumerate(plan, start=1):
         paths.append(generate_case(Path(out_dir), f"SYN{i:04d}", cells=cells, fmt=fmt, karyotype=kts,
-                                   seed=seed, style=style))
-    log.info("wrote %d synthetic %s-band cases (%s) to %s", cases, style, fmt, out_dir)
+                                   seed=seed, style=style, metaphase=metaphase))
+    log.info("wrote %d synthetic %s-band cases (%s) to %s", cases, style,
+             f"whole metaphases, {metaphase}" if metaphase else fmt, out_dir)
     return paths
 
 

@@ -281,3 +281,65 @@ def test_mask_polygon_of_a_square() -> None:
     pts = np.array(mask_polygon(mask, (100, 50)))
     assert pts[:, 0].min() >= 102.5 and pts[:, 0].max() <= 107.5
     assert pts[:, 1].min() >= 51.5 and pts[:, 1].max() <= 55.5
+
+
+# ---------------------------------------------------------------------------------------------- cases
+@pytest.mark.parametrize(("layout", "fmt"), [("flat", "png"), ("folder", "png"), ("flat", "dicom")])
+def test_metaphase_case_layouts_and_truth(tmp_path: Path, layout: str, fmt: str) -> None:
+    from chromobatch.intake.imaging import decode_png
+    from chromobatch.intake.sidecars import is_sidecar
+    from chromobatch.synth.cases import generate_case
+
+    kts = ["47,XX,+21", "46,XX"]
+    case = generate_case(tmp_path, "MET1", cells=2, fmt=fmt, karyotype=kts, seed=5, style="Q", metaphase=layout)
+    files = sorted(p.relative_to(case).as_posix() for p in case.rglob("*") if p.is_file())
+    expected = {("flat", "png"): ["cell01.png", "cell02.png"],
+                ("folder", "png"): ["cell01/metaphase.png", "cell02/metaphase.png"],
+                ("flat", "dicom"): ["i0001.dcm", "i0002.dcm"]}[(layout, fmt)]
+    assert files == [*expected, "truth.json"]  # no labels.csv: nothing but the images and an ignored sidecar
+    assert is_sidecar("truth.json")
+    truth = json.loads((case / "truth.json").read_text())
+    assert truth["karyotype"] == "mos 47,XX,+21[1]/46,XX[1]" and truth["input"] == f"metaphase ({layout})"
+    for cell, kt in zip(truth["cells"], kts, strict=True):
+        assert cell["count"] == len(karyotype_labels(kt)) and cell["classes"] == karyotype_labels(kt)
+        assert cell["file"] in expected
+        if fmt == "png":
+            img = decode_png((case / cell["file"]).read_bytes())
+        else:
+            import pydicom
+
+            img = pydicom.dcmread(case / cell["file"]).pixel_array
+        assert img.shape == (576, 768)
+    again = generate_case(tmp_path / "again", "MET1", cells=2, fmt=fmt, karyotype=kts, seed=5, style="Q",
+                          metaphase=layout)
+    assert all((case / f).read_bytes() == (again / f).read_bytes() for f in files)
+
+
+def test_metaphase_case_errors(tmp_path: Path) -> None:
+    from chromobatch.synth.cases import generate_case
+
+    with pytest.raises(ConfigError, match="flat or folder"):
+        generate_case(tmp_path, "X1", cells=1, fmt="png", karyotype="46,XX", seed=1, metaphase="grid")
+    with pytest.raises(ConfigError, match="DICOM"):
+        generate_case(tmp_path, "X2", cells=1, fmt="dicom", karyotype="46,XX", seed=1, metaphase="folder")
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_synth_metaphase(tmp_path: Path) -> None:
+    """The real command in a subprocess: `chromobatch synth OUT --cases 2 --cells 2 --metaphase`."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "chromobatch.cli", "synth", str(out), "--cases", "2", "--cells", "2", "--metaphase",
+           "--metaphase-layout", "folder", "--seed", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "whole metaphases, folder" in done.stdout and "counts" in done.stdout
+    for case in ("SYN0001", "SYN0002"):
+        truth = json.loads((out / case / "truth.json").read_text())
+        assert [c["file"] for c in truth["cells"]] == ["cell01/metaphase.png", "cell02/metaphase.png"]
+        assert f"counts {truth['cells'][0]['count']},{truth['cells'][1]['count']}" in done.stdout
+    bad = subprocess.run([*cmd[:4], str(tmp_path / "x"), "--metaphase", "--metaphase-layout", "grid"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "flat or folder" in bad.stdout + bad.stderr
