@@ -17,6 +17,8 @@ from chromobatch.errors import ConfigError
 
 ENV_PREFIX = "CHROMOBATCH_"
 READINESS_MODES = ("either", "quiet", "ready")
+RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,25 @@ class Settings:
     failed_dir: str = "failed"
     #: auto | dark_on_light (G-band) | bright_on_dark (Q-band)
     polarity: str = "auto"
+    #: What an image is: auto (told apart per image: many objects or far larger than a chromosome is a whole
+    #: metaphase), crops or metaphase. A case folder's input.txt (one word: crops or metaphase) overrides it.
+    input: str = "auto"
+    #: Segmenter for whole metaphases: empty (the shipped models/segmenter, else the classical one),
+    #: "classical", or a segmenter model folder.
+    segmenter: str = ""
     device: str = "auto"
+    #: Inference runtime: auto (the fastest correct one installed, measured at start-up and remembered per
+    #: model and CPU), torch, onnxruntime or openvino (`pip install chromobatch[onnxruntime]`, `[openvino]`).
+    runtime: str = "auto"
+    #: auto (bf16 only where the hardware computes it natively and the model's agreement with fp32 was
+    #: measured; docs/results.md), fp32 or bf16.
+    precision: str = "auto"
+    #: Converted models (ONNX, OpenVINO IR) and the auto choice, keyed by the model's checksum. Empty:
+    #: $XDG_CACHE_HOME/chromobatch (~/.cache/chromobatch).
+    cache_dir: str = ""
+    #: Watcher: how many waiting cases may share one forward pass (each still commits on its own). 0: auto
+    #: (8 on a GPU, 1 on the CPU, where a full batch of one case already keeps the cores busy).
+    batch_cases: int = 0
     batch_size: int = 64
     loader_workers: int = 0
     workers: int = 1
@@ -83,10 +103,18 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 def _validate(s: Settings) -> Settings:
     if s.polarity not in ("auto", "dark_on_light", "bright_on_dark"):
         raise ConfigError(f"polarity must be auto, dark_on_light or bright_on_dark, got {s.polarity!r}")
+    if s.input not in ("auto", "crops", "metaphase"):
+        raise ConfigError(f"input must be auto, crops or metaphase, got {s.input!r}")
     if s.readiness not in READINESS_MODES:
         raise ConfigError(f"readiness must be one of {', '.join(READINESS_MODES)}, got {s.readiness!r}")
     if s.device not in ("auto", "cpu", "cuda") and not s.device.startswith("cuda:"):
         raise ConfigError(f"device must be auto, cpu or cuda[:N], got {s.device!r}")
+    if s.runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {s.runtime!r}")
+    if s.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
+    if s.batch_cases < 0:
+        raise ConfigError(f"batch_cases must be >= 0 (0: auto), got {s.batch_cases}")
     for name in ("batch_size", "workers", "max_attempts"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(s, name)}")

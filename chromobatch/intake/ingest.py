@@ -81,10 +81,10 @@ def store_in_session(s: Session, scanned: ScannedCase, *, status: str = CaseStat
             s.add(cell)
             cells[name] = cell
     for name, src in scanned.cell_sources.items():
-        cell = cells[name] if name in cells else None
-        if cell is not None and cell.source_sha256 is None:  # a metaphase's cell keeps its first segmentation
-            cell.source_file, cell.source_sha256, cell.image_png = src.file, src.sha256, src.image_png
-            cell.count, cell.segmentation = src.count, src.segmentation
+        target = cells.get(name)
+        if target is not None and target.source_sha256 is None:  # a metaphase's cell keeps its first segmentation
+            target.source_file, target.source_sha256, target.image_png = src.file, src.sha256, src.image_png
+            target.count, target.segmentation = src.count, src.segmentation
     s.flush()
     for a in scanned.accepted:
         if a.sha256 in existing:

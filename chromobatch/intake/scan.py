@@ -5,8 +5,9 @@ DICOM instances (each one chromosome crop; the cell is its SeriesInstanceUID), o
 (`CASE/cellNN.<ext>`, one image per cell, or `CASE/<cell>/metaphase.<ext>`; a DICOM instance may hold one
 too), and optionally a `labels.csv` (file,label) and an `input.txt` naming the kind (`crops` or
 `metaphase`) when automatic detection (chromobatch.intake.metaphase) should not decide. Metaphases are
-read and checked here and cut into chromosomes later (chromobatch.segment.cut), by the service. A bad file never stops the case: it is recorded with its reason and the rest
-goes on. Each file goes to the first reader that accepts it (chromobatch.intake.readers).
+read and checked here and cut into chromosomes later (chromobatch.segment.cut), by the service. A bad file
+never stops the case: it is recorded with its reason and the rest goes on. Each file goes to the first
+reader that accepts it (chromobatch.intake.readers).
 """
 
 from __future__ import annotations

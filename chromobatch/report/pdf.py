@@ -110,13 +110,16 @@ def _cell_line(view: CaseView, cell: CellView) -> str:
 class _Report:
     """Builds the platypus story; page furniture (header, footer, page X of Y) is drawn per page."""
 
-    def __init__(self, view: CaseView, render: Callable[[CellView], Path]) -> None:
+    def __init__(self, view: CaseView, render: Callable[[CellView], Path],
+                 render_metaphase: Callable[[CellView], Path] | None = None) -> None:
         """render: writes a cell's karyogram as a JPEG file and returns its path; called when the cell's
-        page is drawn (one image in memory at a time), the file is deleted once it is in the PDF."""
+        page is drawn (one image in memory at a time), the file is deleted once it is in the PDF.
+        render_metaphase: the same for the outlined metaphase of a cell that came as one (METAPHASE_SIZE)."""
         from reportlab.lib.styles import ParagraphStyle
 
         self.view = view
         self.render = render
+        self.render_metaphase = render_metaphase
         self.font, self.bold = _pdf_fonts()
         self.generated = datetime.now(UTC)
         self.styles = {
@@ -221,7 +224,27 @@ class _Report:
             out.append(self._p(f"<b>Cell {cell.number} of {v.total_cells} ({escape(cell.name)})</b>: "
                                f"{escape(_cell_line(v, cell))}", "body"))
             out.append(self._p(self._review_note(cell), "small"))
+            if cell.from_metaphase and self.render_metaphase is not None:
+                out += self._metaphase_page(cell, frame_w, frame_h)
         return out
+
+    def _metaphase_page(self, cell: CellView, frame_w: float, frame_h: float) -> list[Any]:
+        """The metaphase the cell came from, each chromosome outlined and numbered by its class."""
+        from reportlab.lib.units import mm
+        from reportlab.platypus import PageBreak
+
+        assert self.render_metaphase is not None
+        mw, mh = METAPHASE_SIZE
+        scale = min(frame_w / mw, (frame_h - 20 * mm) / mh)
+        clusters = sum(1 for c in cell.chromosomes if "cluster" in c.flags and c.label is None)
+        text = (f"<b>Cell {cell.number} of {self.view.total_cells} ({escape(cell.name)}), the metaphase</b>: "
+                f"{cell.metaphase_count} chromosomes counted"
+                + (f", {clusters} cluster(s) kept whole for review (red, ~N?: about N chromosomes, not classified)"
+                   if clusters else "")
+                + ". Outlines: blue, classified; red, low confidence or a class with an abnormal count; "
+                  "orange, not classified.")
+        return [PageBreak(), _karyogram_flowable()(cell, self.render_metaphase, mw * scale, mh * scale),
+                self._p(text, "body")]
 
     def _sign_off(self) -> list[Any]:
         """Who signed the case, when, with which karyotype; reopenings; every label review changed."""
@@ -323,6 +346,10 @@ class _Report:
         canvas.restoreState()
 
 
+#: The outlined metaphase page's image size (pixels); report.render letterboxes the drawing into it.
+METAPHASE_SIZE = (1600, 1250)
+
+
 @functools.cache
 def _karyogram_flowable() -> type:
     """A flowable that renders its cell's karyogram only when it is drawn (reportlab is imported lazily)."""
@@ -401,13 +428,14 @@ def _numbered_canvas(font: str) -> Any:
     return NumberedCanvas
 
 
-def build_pdf(view: CaseView, out: Path | Any, render: Callable[[CellView], Path]) -> int:
+def build_pdf(view: CaseView, out: Path | Any, render: Callable[[CellView], Path],
+              render_metaphase: Callable[[CellView], Path] | None = None) -> int:
     """Write the report to `out` (a path or a binary file object) and return its page count: portrait
     summary, landscape karyogram pages. render(cell) writes a cell's karyogram as a JPEG file (see _Report)."""
     from reportlab.lib.units import mm
     from reportlab.platypus import BaseDocTemplate, Frame, PageTemplate
 
-    report = _Report(view, render)
+    report = _Report(view, render, render_metaphase)
     left, _, _, bottom = (m * mm for m in _PAGE_MARGINS_MM)
     templates = []
     for name, turned in (("summary", False), ("karyogram", True)):

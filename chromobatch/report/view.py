@@ -79,6 +79,13 @@ class CellView:
     cell_id: int | None = None
     #: Source files of this cell that ingest rejected (from the rejected_files rows and the summary).
     rejected_files: list[str] = field(default_factory=list)
+    #: Came from a whole metaphase (its image and outlines are stored; report.overlay draws them), and the
+    #: chromosomes counted in it (clusters by their estimate); None for a cell delivered as crops.
+    metaphase_count: int | None = None
+
+    @property
+    def from_metaphase(self) -> bool:
+        return self.metaphase_count is not None
 
     def counts(self) -> Counter[str]:
         return Counter(c.label for c in self.chromosomes if c.label is not None)
@@ -234,9 +241,10 @@ def load_case_view(database: Database, case_id: str, *, cells: int | None = None
                 view = ChromosomeView(chromosome_id=chrom_id, source_file=source_file, crop=None, label=None)
                 if pred is not None:
                     chosen.append(pred)
-                    view.predicted = pred.assigned_label or pred.label
-                    view.confidence = float(pred.confidence)
                     view.flags = tuple(str(f) for f in (pred.flags or []))
+                    # A cluster of a whole metaphase takes no class until a reviewer gives it one.
+                    view.predicted = pred.assigned_label or (None if "cluster" in view.flags else pred.label)
+                    view.confidence = float(pred.confidence)
                     view.label, view.label_source = view.predicted, "model"
                 current = labels.get(chrom_id) if reviewed else None
                 if current is not None:
@@ -248,7 +256,8 @@ def load_case_view(database: Database, case_id: str, *, cells: int | None = None
             if isinstance(from_summary, list):
                 files.update(str(f) for f in from_summary)
             views.append(CellView(number, cell.name, items, cell_summary, cell_id=cell.id,
-                                  rejected_files=sorted(files)))
+                                  rejected_files=sorted(files),
+                                  metaphase_count=cell.count if cell.source_sha256 is not None else None))
         return CaseView(
             case_id=case.case_id, status=case.status, input_format=case.input_format, meta=dict(case.meta or {}),
             received_at=case.received_at, processed_at=case.processed_at, summary=summary,

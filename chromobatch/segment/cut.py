@@ -107,6 +107,10 @@ def cut_case(scanned: ScannedCase, segmenter: Segmenter, *, stored: Collection[s
     from chromobatch.intake.imaging import ImageRejected
 
     cut = 0
+    todo = [m for m in scanned.metaphases if m.sha256 not in stored]
+    if todo:
+        log.info("case %s: segmenting %d metaphase(s) with %s %s", scanned.case_id, len(todo), segmenter.name,
+                 segmenter.version)
     for m in scanned.metaphases:
         if m.sha256 in stored:
             continue

@@ -175,7 +175,7 @@ def cut_metaphases(database: Database, scanned: ScannedCase, settings: Settings,
     if not scanned.metaphases:
         return
     with database.session() as s:
-        stored = {sha for (sha,) in s.execute(
+        stored = {str(sha) for (sha,) in s.execute(
             select(Cell.source_sha256).join(Case, Case.id == Cell.case_pk)
             .where(Case.case_id == scanned.case_id, Cell.source_sha256.is_not(None)))}
     todo = [m for m in scanned.metaphases if m.sha256 not in stored]
@@ -186,9 +186,13 @@ def cut_metaphases(database: Database, scanned: ScannedCase, settings: Settings,
 @functools.lru_cache(maxsize=4)
 def default_segmenter(name: str) -> Segmenter:
     """The segmenter a setting names, loaded once per process (a watcher's worker keeps it)."""
-    from chromobatch.segment.factory import load_segmenter  # torch and the model only when a metaphase comes
+    from chromobatch.segment.factory import DEFAULT_DIR, load_segmenter  # torch only when a metaphase comes
 
-    return load_segmenter(name)
+    if not name:
+        name = "default" if (DEFAULT_DIR / "model.safetensors").is_file() else "classical"
+    segmenter = load_segmenter(name)
+    log.info("segmenter for whole metaphases: %s %s", segmenter.name, segmenter.version)
+    return segmenter
 
 
 def process_case(database: Database, case_dir: Path, *, predictor: Predictor, settings: Settings,
@@ -311,8 +315,8 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
                                  loss_penalty=settings.loss_penalty)
         assigned: list[str | None] = [None] * len(chroms)
         changes = [False] * len(chroms)
-        for i, label, changed in zip(singles, assignment.labels, assignment.changed, strict=True):
-            assigned[i], changes[i] = label, changed
+        for i, slot, moved in zip(singles, assignment.labels, assignment.changed, strict=True):
+            assigned[i], changes[i] = slot, moved
         kt = cell_karyotype(cell.name, assignment.labels)
         kt.files_not_used = len(not_used.get(cell.name, ()))
         kt.clustered = sum(n for n in clustered if n > 1)
