@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,19 +105,23 @@ _LEGEND_H = 56
 _MIN_SLOT = 56
 
 
+#: Turns a crop upright: (the upright image, the angle); the web review passes a cached one.
+Turn = Callable[[np.ndarray], tuple[np.ndarray, float]]
+
+
 @dataclass
 class _Row:
     slots: list[tuple[str, list[tuple[ChromosomeView, np.ndarray, float]]]]
     wrap: bool = False  # the unclassified row wraps onto several lines
 
 
-def _rows_for(cell: CellView) -> list[_Row]:
+def _rows_for(cell: CellView, turn: Turn = upright) -> list[_Row]:
     by_class: dict[str, list[tuple[ChromosomeView, np.ndarray, float]]] = defaultdict(list)
     loose: list[tuple[ChromosomeView, np.ndarray, float]] = []
     for chrom in cell.chromosomes:
         if chrom.crop is None:
             raise ValueError(f"chromosome {chrom.chromosome_id}: crop not loaded (load_cell_crops first)")
-        arr, angle = upright(chrom.crop)
+        arr, angle = turn(chrom.crop)
         if chrom.label in CLASSES:
             by_class[chrom.label].append((chrom, arr, angle))
         else:
@@ -186,13 +191,18 @@ def _paste(canvas: np.ndarray, arr: np.ndarray, x: int, y: int, w: int, h: int) 
     np.minimum(region, grey[:region.shape[0], :region.shape[1], None], out=region)
 
 
-def layout_karyogram(cell: CellView, *, title: str = "", size: tuple[int, int] = KARYOGRAM_SIZE) -> Karyogram:
-    """Draw one cell's karyogram; every chromosome of the cell is placed exactly once (see placements)."""
+def layout_karyogram(cell: CellView, *, title: str = "", size: tuple[int, int] = KARYOGRAM_SIZE,
+                     paint: bool = True, turn: Turn = upright) -> Karyogram:
+    """Draw one cell's karyogram; every chromosome of the cell is placed exactly once (see placements).
+
+    paint=False computes the same placements without drawing (the web review shows each chromosome's own
+    thumbnail where the layout put it; the image is then blank); `turn` turns a crop upright.
+    """
     width, height = size
-    rows = _rows_for(cell)
+    rows = _rows_for(cell, turn)
     s = _scale_for(rows, width, height)
     abnormal = abnormal_classes(cell.counts())
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    canvas = np.full((height, width, 3) if paint else (1, 1, 3), 255, dtype=np.uint8)
     placements: list[Placement] = []
     boxes: list[tuple[tuple[int, int, int, int], tuple[int, int, int]]] = []
     numbers: list[tuple[int, int, str, tuple[int, int, int]]] = []
@@ -203,7 +213,8 @@ def layout_karyogram(cell: CellView, *, title: str = "", size: tuple[int, int] =
         chrom, arr, angle = item
         w, h = max(1, round(arr.shape[1] * s)), max(1, round(arr.shape[0] * s))
         y = base - h
-        _paste(canvas, arr, x, y, w, h)
+        if paint:
+            _paste(canvas, arr, x, y, w, h)
         marks = []
         if chrom.low_confidence:
             marks.append("low_confidence")
@@ -252,6 +263,8 @@ def layout_karyogram(cell: CellView, *, title: str = "", size: tuple[int, int] =
         y = base + _LABEL_H + _ROW_GAP
 
     img = Image.fromarray(canvas, "RGB")
+    if not paint:
+        return Karyogram(img, placements, s, abnormal)
     draw = ImageDraw.Draw(img)
     for x_a, x_b, y_r in rules:
         draw.line([(x_a, y_r), (x_b, y_r)], fill=GREY, width=2)

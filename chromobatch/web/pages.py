@@ -9,8 +9,11 @@ can be dragged to another class.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -232,8 +235,7 @@ def cell_page(database: Database, cell_pk: int) -> CellPage:
     cell = next((c for c in view.all_cells if c.cell_id == cell_pk), None)
     if cell is None:
         raise CellNotFound(f"no cell with key {cell_pk}")
-    kg = layout_karyogram(load_cell_crops(database, cell))
-    kg.image.close()
+    kg = layout_karyogram(load_cell_crops(database, cell), paint=False, turn=cached_upright)
     by_id = {c.chromosome_id: c for c in cell.chromosomes}
     slots: dict[str, Slot] = {name: Slot(name, name in kg.abnormal) for row in KARYOGRAM_ROWS for name in row}
     loose: list[Thumb] = []
@@ -254,6 +256,28 @@ def cell_page(database: Database, cell_pk: int) -> CellPage:
                     kg.scale)
 
 
+_UPRIGHT: OrderedDict[bytes, tuple[np.ndarray, float]] = OrderedDict()
+_UPRIGHT_MAX = 4096  # crops of about 90 cells; a few tens of MB at most
+_UPRIGHT_LOCK = threading.Lock()
+
+
+def cached_upright(crop: np.ndarray) -> tuple[np.ndarray, float]:
+    """ml.geometry.upright, remembered by the crop's content: a reviewer opens the same cell again after every
+    change, and the thumbnails need the same turn."""
+    key = hashlib.blake2b(crop.tobytes(), digest_size=16, person=str(crop.shape).encode()[:16]).digest()
+    with _UPRIGHT_LOCK:
+        hit = _UPRIGHT.get(key)
+        if hit is not None:
+            _UPRIGHT.move_to_end(key)
+            return hit
+    value = upright(crop)
+    with _UPRIGHT_LOCK:
+        _UPRIGHT[key] = value
+        while len(_UPRIGHT) > _UPRIGHT_MAX:
+            _UPRIGHT.popitem(last=False)
+    return value
+
+
 def _png(arr: np.ndarray | Image.Image) -> bytes:
     img = arr if isinstance(arr, Image.Image) else Image.fromarray(arr)
     buf = io.BytesIO()
@@ -267,7 +291,7 @@ def thumbnail(database: Database, chromosome_pk: int) -> tuple[bytes, str]:
         row = s.execute(select(Chromosome.crop_png, Chromosome.sha256).where(Chromosome.id == chromosome_pk)).first()
     if row is None:
         raise ChromosomeNotFound(f"no chromosome with key {chromosome_pk}")
-    arr, _ = upright(decode_png(row[0]))
+    arr, _ = cached_upright(decode_png(row[0]))
     return _png(arr), row[1]
 
 

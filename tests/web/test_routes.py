@@ -340,3 +340,20 @@ def test_users_cli(tmp_path: Path) -> None:
         stored = s.query(db.User.password_hash).scalar()
     database.dispose()
     assert stored.startswith("$argon2") and "another long password" not in stored
+
+
+def test_cell_view_places_chromosomes_where_the_pdf_does(web: SimpleNamespace) -> None:
+    """The page's layout (paint=False, cached upright) is the PDF's layout, chromosome for chromosome."""
+    from chromobatch.report.layout import layout_karyogram
+    from chromobatch.report.view import load_case_view, load_cell_crops
+    from chromobatch.web.pages import cached_upright, cell_page
+
+    view = load_case_view(web.database, CASE_ID)
+    for cell in view.all_cells:
+        crops = load_cell_crops(web.database, cell)
+        pdf = layout_karyogram(crops)
+        assert layout_karyogram(crops, paint=False, turn=cached_upright).placements == pdf.placements
+        page = cell_page(web.database, cell.cell_id)
+        shown = {t.pk: slot.name for row in page.rows for slot in row for t in slot.thumbs}
+        shown.update({t.pk: "unclassified" for t in page.loose})
+        assert shown == {p.chromosome_id: p.slot for p in pdf.placements}
