@@ -25,7 +25,7 @@ from chromobatch import CLASSES, NUM_CLASSES
 from chromobatch.errors import ModelError
 from chromobatch.files import atomic_write
 from chromobatch.ml.factory import ChromosomeNet, create_model
-from chromobatch.ml.forward import forward_batch, forward_canvases
+from chromobatch.ml.forward import Engine, forward_batch, forward_canvases
 from chromobatch.ml.preprocess import PreprocessSpec, render, to_tensor
 from chromobatch.ml.sizeprior import SizePrior
 
@@ -146,7 +146,8 @@ def attach_size_prior(folder: str | Path, prior: SizePrior | None, info: dict[st
 @dataclass
 class LoadedModel:
     """A model ready for inference: eval-mode `.net`, its `.meta`, `.spec`, optional `.size_prior` and its
-    `.sha256` (`model_identity`: the weights' checksum, or weights + size prior)."""
+    `.sha256` (`model_identity`: the weights' checksum, or weights + size prior). `.engine`: what runs the
+    network (`ml.runtime.choose_engine`); None runs `.net` in PyTorch at the device's default precision."""
 
     net: ChromosomeNet
     meta: dict[str, Any]
@@ -155,6 +156,11 @@ class LoadedModel:
     folder: Path
     device: torch.device
     size_prior: SizePrior | None = None
+    engine: Engine | None = None
+
+    @property
+    def runner(self) -> ChromosomeNet | Engine:
+        return self.engine if self.engine is not None else self.net
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -170,7 +176,7 @@ class LoadedModel:
 
     def predict_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, S, S) float batch (from `preprocess`) -> (softmax probs [B, 24], embeddings [B, D]) in fp32."""
-        return forward_batch(self.net, x, self.device)
+        return forward_batch(self.runner, x, self.device)
 
     def predict(
         self,
@@ -191,7 +197,7 @@ class LoadedModel:
         d = int(self.meta["embed_dim"])
         if n == 0:
             return np.zeros((0, NUM_CLASSES), np.float32), np.zeros((0, d), np.float32)
-        probs, embs = forward_canvases(self.net, self._canvas_batches(crops, meds, batch_size), self.device)
+        probs, embs = forward_canvases(self.runner, self._canvas_batches(crops, meds, batch_size), self.device)
         assert embs is not None
         return self.apply_size_prior(probs.numpy(), rel_inks), embs.numpy()
 

@@ -2,55 +2,103 @@
 
 Why one: serving (`ml.predict.Predictor`), a loaded model folder (`ml.folders.LoadedModel.predict`, used by
 evaluation and calibration) and the training loop's validation all classify batches of preprocessed
-crops. They must agree on the conversion (`preprocess.to_tensor`), the memory layout and the precision
-(bf16 autocast and channels_last on a GPU, fp32 on the CPU), or a model would validate differently from
-how it serves.
+crops. They must agree on the conversion (`preprocess.to_tensor`), the memory layout and the precision,
+or a model would validate differently from how it serves.
+
+What runs the network is an *engine*: `TorchEngine` here (PyTorch, fp32, or bf16 autocast: on a GPU by
+default, on the CPU when asked), or another runtime's compiled form of the same weights (`ml.onnxrt`,
+`ml.openvino_rt`), chosen by `ml.runtime`. Every engine takes the same float batch and returns
+(embeddings, logits); the softmax and the loop stay here, so every runtime is fed and read the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import nullcontext
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from chromobatch.ml.factory import ChromosomeNet
 from chromobatch.ml.preprocess import to_tensor
 
+#: Precisions an engine may compute in (`auto` is resolved by `ml.runtime` before an engine is built).
+PRECISIONS = ("fp32", "bf16")
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A network ready to run in one runtime and precision: float (B, 1, S, S) -> (embeddings, logits)."""
+
+    runtime: str
+    precision: str
+    device: torch.device
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class TorchEngine:
+    """PyTorch eager: channels_last and bf16 autocast on a GPU (the default there), fp32 or bf16 on the CPU."""
+
+    runtime = "torch"
+
+    def __init__(self, net: ChromosomeNet, device: torch.device, precision: str | None = None) -> None:
+        self.net, self.device = net, torch.device(device)
+        self.precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        with ctx:
+            emb, logits = self.net(x)
+        return emb, logits
+
+    def __repr__(self) -> str:
+        return f"TorchEngine({self.device}, {self.precision})"
+
+
+def as_engine(net: ChromosomeNet | Engine, device: torch.device) -> Engine:
+    """A bare network runs as PyTorch at its device's default precision (what training validates with)."""
+    return net if isinstance(net, Engine) else TorchEngine(net, device)
+
 
 @torch.inference_mode()
-def forward_batch(net: ChromosomeNet, x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 1, S, S) float batch -> (softmax probs [B, 24], embeddings [B, D]) in fp32 on `device`."""
-    x = x.to(device, non_blocking=True)
-    cuda = device.type == "cuda"
-    if cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
-        emb, logits = net(x)
+def forward_batch(net: ChromosomeNet | Engine, x: torch.Tensor, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, S, S) float batch -> (softmax probs [B, 24], embeddings [B, D]) in fp32."""
+    emb, logits = as_engine(net, device)(x)
     return torch.softmax(logits.float(), dim=-1), emb.float()
 
 
 @torch.inference_mode()
 def forward_canvases(
-    net: ChromosomeNet, batches: Iterable[torch.Tensor], device: torch.device, *, embeddings: bool = True
+    net: ChromosomeNet | Engine, batches: Iterable[torch.Tensor], device: torch.device, *, embeddings: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Batches of uint8 canvases (B, S, S) -> (probs [N, 24], embeddings [N, D] or None) on the CPU.
 
-    The canvases travel to the device as bytes (4x less than float) and become floats there. The network
+    The canvases travel to the device as bytes (4x less than float) and become floats there. A bare network
     runs in eval mode and gets its previous mode back (validation runs mid-training). `embeddings=False`
     skips keeping them (serving a large case needs only the probabilities). At least one batch is required.
     """
-    was_training = net.training
-    net.eval()
+    engine = as_engine(net, device)
+    plain = engine.net if isinstance(engine, TorchEngine) else None
+    was_training = plain.training if plain is not None else False
+    if plain is not None:
+        plain.eval()
     probs: list[torch.Tensor] = []
     embs: list[torch.Tensor] = []
     try:
         for batch in batches:
-            x = to_tensor(batch.to(device, non_blocking=True)).unsqueeze(1)
-            p, e = forward_batch(net, x, device)
+            x = to_tensor(batch.to(engine.device, non_blocking=True)).unsqueeze(1)
+            p, e = forward_batch(engine, x, engine.device)
             probs.append(p.cpu())
             if embeddings:
                 embs.append(e.cpu())
     finally:
-        net.train(was_training)
+        if plain is not None:
+            plain.train(was_training)
     return torch.cat(probs), torch.cat(embs) if embeddings else None

@@ -1,12 +1,19 @@
 """Batched inference: a loaded model registered in the database, fed by a DataLoader.
 
 Decoding and preprocessing run in DataLoader workers (configurable), the forward pass in batches across
-all cells of a case through `ml.forward` (the pass evaluation and training validate with); on a GPU with
-bf16 autocast and channels_last, on the CPU in fp32.
+all cells of a case through `ml.forward` (the pass evaluation and training validate with), in the runtime
+and precision `ml.runtime.choose_engine` picked for the model (settings runtime, precision, cache_dir).
+
+Across cases (the watcher, settings.batch_cases): `prime` runs one forward pass over the crops of several
+waiting cases and keeps each crop's probabilities; each case's own `predict` call (inside its own pipeline
+run and transaction) then takes them instead of running the network again. A crop is found by its bytes
+and, for cell-mode models, its cell's median length, the two inputs of its canvas, so a primed result is
+only ever used for exactly the input it was computed from; anything not found is predicted as usual.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -16,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from chromobatch.errors import ModelError
 from chromobatch.ml.folders import LoadedModel, load_model
-from chromobatch.ml.forward import forward_canvases
+from chromobatch.ml.forward import as_engine, forward_canvases
 from chromobatch.ml.preprocess import render
+from chromobatch.ml.runtime import choose_engine
 from chromobatch.store.db import Database, ModelVersion, active_model
 from chromobatch.store.states import Stain
 
@@ -37,11 +45,25 @@ class _Canvases(Dataset):
         return torch.from_numpy(render(self.crops[i], self.spec, self.medians[i]))
 
 
+class _Counted:
+    """The model's engine, counting forward passes on the predictor (how tests see one pass for many cases)."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.inner = as_engine(predictor.model.runner, predictor.model.device)
+        self.runtime, self.precision, self.device = self.inner.runtime, self.inner.precision, self.inner.device
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.predictor.forward_calls += 1
+        return self.inner(x)
+
+
 class Predictor:
     """A model version ready to classify crops; knows its database row."""
 
     def __init__(self, model: LoadedModel, version: ModelVersion, *, batch_size: int = 64,
-                 loader_workers: int = 0, pinned: bool = False) -> None:
+                 loader_workers: int = 0, pinned: bool = False, runtime: str = "auto", precision: str = "auto",
+                 cache_dir: str = "") -> None:
         self.model = model
         self.version_id = version.id
         self.version_name = f"{version.name} {version.version}"
@@ -56,6 +78,36 @@ class Predictor:
         #: Set by the registry (`registry.register.load_predictor`): the predictor for another stain, or None
         #: when none is registered or shipped for it. Unset: this model reads every case.
         self.route: Callable[[Stain], Predictor | None] | None = None
+        #: how a reloaded model gets its engine (settings runtime, precision, cache_dir)
+        self.runtime, self.precision, self.cache_dir = runtime, precision, cache_dir
+        self._primed: dict[tuple[bytes, float | None], np.ndarray] = {}
+        #: forward passes run (batches of the network), for tests and benchmarks
+        self.forward_calls = 0
+
+    def _key(self, crop: np.ndarray, median: float | None) -> tuple[bytes, float | None]:
+        digest = hashlib.blake2b(np.ascontiguousarray(crop).tobytes(), digest_size=16,
+                                 person=str(crop.shape).encode()[:16]).digest()
+        return digest, (median if self.model.spec.mode == "cell" else None)
+
+    def _forward(self, crops: Sequence[np.ndarray], medians: Sequence[float | None]) -> np.ndarray:
+        """Image probabilities (before the size prior) of crops, in batches through the model's engine."""
+        loader = DataLoader(_Canvases(crops, medians, self.model), batch_size=self.batch_size, shuffle=False,
+                            num_workers=self.loader_workers, pin_memory=self.model.device.type == "cuda")
+        probs, _ = forward_canvases(_Counted(self), loader, self.model.device, embeddings=False)
+        return probs.numpy().astype(np.float32)
+
+    def prime(self, crops: Sequence[np.ndarray], medians: Sequence[float | None] | None = None) -> int:
+        """Predict the crops of several cases in one pass, for their `predict` calls to find; how many."""
+        if not crops:
+            return 0
+        meds = list(medians) if medians is not None else [None] * len(crops)
+        for c, m, p in zip(crops, meds, self._forward(crops, meds), strict=True):
+            self._primed[self._key(c, m)] = p
+        return len(crops)
+
+    def forget_primed(self) -> None:
+        """Drop what `prime` kept and no case took (a case that failed before predicting)."""
+        self._primed.clear()
 
     def for_polarity(self, polarity: str | None) -> Predictor:
         """The predictor for a case whose crops have this polarity (the scan's majority): the model that
@@ -82,10 +134,19 @@ class Predictor:
         if n == 0:
             return np.zeros((0, 24), dtype=np.float32)
         meds = list(medians) if medians is not None else [None] * n
-        loader = DataLoader(_Canvases(crops, meds, self.model), batch_size=self.batch_size, shuffle=False,
-                            num_workers=self.loader_workers, pin_memory=self.model.device.type == "cuda")
-        probs, _ = forward_canvases(self.model.net, loader, self.model.device, embeddings=False)
-        return self.model.apply_size_prior(probs.numpy().astype(np.float32), rel_inks)
+        probs = np.zeros((n, 24), dtype=np.float32)
+        todo = list(range(n))
+        if self._primed:
+            todo = []
+            for i, (c, m) in enumerate(zip(crops, meds, strict=True)):
+                hit = self._primed.pop(self._key(c, m), None)
+                if hit is None:
+                    todo.append(i)
+                else:
+                    probs[i] = hit
+        if todo:
+            probs[todo] = self._forward([crops[i] for i in todo], [meds[i] for i in todo])
+        return self.model.apply_size_prior(probs, rel_inks)
 
     def maybe_reload(self, database: Database) -> bool:
         """Swap to the database's active model if it changed (called by the watcher between cases)."""
@@ -99,6 +160,8 @@ class Predictor:
         model = load_model(active.file, device=self.model.device)
         if model.sha256 != active.sha256:
             raise ModelError(f"{active.file}: weights checksum differs from the registered model version")
+        model.engine = choose_engine(model, self.runtime, self.precision, self.cache_dir, self.batch_size)
+        self._primed.clear()
         log.info("switching to model %s %s", active.name, active.version)
         self.model, self.version_id, self.sha256 = model, active.id, active.sha256
         self.version_name = f"{active.name} {active.version}"

@@ -23,6 +23,7 @@ from chromobatch.errors import ModelError
 from chromobatch.ml.device import resolve_device
 from chromobatch.ml.folders import LoadedModel, load_model
 from chromobatch.ml.predict import Predictor
+from chromobatch.ml.runtime import choose_engine
 from chromobatch.store.db import Database, ModelVersion, active_model, model_stain, utcnow
 from chromobatch.store.states import ModelStatus, Stain
 
@@ -103,8 +104,10 @@ def _predictor(database: Database, settings: Settings, model: LoadedModel, *, pi
     version = register_model(database, model)
     log.info("using model %s %s (%s, %s) on %s", version.name, version.version, version.sha256[:12],
              model_stain(version).band, model.device)
+    model.engine = choose_engine(model, settings.runtime, settings.precision, settings.cache_dir, settings.batch_size)
     return Predictor(model, version, batch_size=settings.batch_size, loader_workers=settings.loader_workers,
-                     pinned=pinned)
+                     pinned=pinned, runtime=settings.runtime, precision=settings.precision,
+                     cache_dir=settings.cache_dir)
 
 
 class StainRoutes:
