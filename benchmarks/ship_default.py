@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/ship_default.py RUN/model VERSION --eval g612_test=RUN/eval-g612.json \\
         --eval bioimlab_test=RUN/eval-bioimlab.json [--out models/default]
+    # the Q-band model (models/qband/README.md):
+    .venv/bin/python benchmarks/ship_default.py RUN/model VERSION --out models/qband --name chromobatch-qband \\
+        --stain Q --eval bioimlab_test=RUN/eval-bioimlab.json
 
 Only the summary metrics of each evaluation JSON (`chromobatch evaluate --json`) are kept; the card
 (models/default/README.md) is written by hand from the same files.
@@ -20,11 +23,13 @@ ap.add_argument("model", type=Path)
 ap.add_argument("version")
 ap.add_argument("--eval", action="append", default=[], metavar="NAME=JSON")
 ap.add_argument("--out", type=Path, default=Path("models/default"))
+ap.add_argument("--name", default="chromobatch-default")
+ap.add_argument("--stain", default="G", choices=("G", "Q"), help="the stain the model reads (model.json 'stain')")
 args = ap.parse_args()
 
 lm = load_model(args.model)
 meta = dict(lm.meta)  # save_model rewrites the format fields (dtype, temperature, version) itself
-meta.update(name="chromobatch-default", version=args.version)
+meta.update(name=args.name, version=args.version, stain=args.stain)
 metrics = dict(meta.get("metrics", {}))
 for item in args.eval:
     name, path = item.split("=", 1)

@@ -167,6 +167,8 @@ class _Report:
         model = v.model or {}
         analysis = [("Model", model.get("name", NOT_PROCESSED)), ("Model version", model.get("version", NOT_PROCESSED)),
                     ("Model checksum (SHA-256)", model.get("sha256", NOT_PROCESSED)),
+                    ("Cells read by this model", f"all {v.total_cells} (a {model['stain']} model)"
+                     if "stain" in model else NOT_PROCESSED),
                     ("Software", f"chromobatch {__version__}"), ("Report generated", _fmt_time(self.generated))]
         out += [self._p("Analysis", "h2"), self._kv_table(analysis)]
 

@@ -31,8 +31,9 @@ from chromobatch.store.db import (
     Prediction,
     RejectedFile,
     SignOff,
+    model_stain,
 )
-from chromobatch.store.states import LabelSource
+from chromobatch.store.states import LabelSource, Stain
 
 NOT_PROVIDED = "not provided"
 #: The pipeline's per-cell flag for a cell one of whose files was rejected.
@@ -183,10 +184,11 @@ def _model_info(s: Any, case: Case, chosen: list[Any]) -> dict[str, str] | None:
         mv_id = Counter(p.model_version_id for p in chosen).most_common(1)[0][0]
     mv = s.get(ModelVersion, mv_id) if mv_id is not None else None
     if mv is not None:
-        return {"name": mv.name, "version": mv.version, "sha256": mv.sha256}
+        return {"name": mv.name, "version": mv.version, "sha256": mv.sha256, "stain": model_stain(mv).band}
     model = (case.summary or {}).get("model")
     if isinstance(model, dict) and model:
-        return {k: str(model.get(k) or NOT_PROVIDED) for k in ("name", "version", "sha256")}
+        info = {k: str(model.get(k) or NOT_PROVIDED) for k in ("name", "version", "sha256")}
+        return {**info, "stain": Stain.of(model.get("stain")).band}
     return None
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pypdf import PdfReader
 from typer.testing import CliRunner
 
 from chromobatch.cli.main import app
@@ -22,6 +23,7 @@ from chromobatch.ml.preprocess import PreprocessSpec
 from chromobatch.registry import register
 from chromobatch.registry.promote import list_models, promote, rollback
 from chromobatch.registry.register import load_predictor, register_model
+from chromobatch.report.render import render_case_report
 from chromobatch.service.pipeline import process_case
 from chromobatch.store import db
 from chromobatch.store.states import Stain
@@ -77,6 +79,11 @@ def test_each_case_is_read_by_the_model_of_its_stain(sqlite_path: Path, tmp_path
     assert _read_by(database, "CASEQ") == {q.id}
     with database.session() as s:
         assert s.query(db.Case).filter_by(case_id="CASEQ").one().summary["model"]["stain"] == "Q"
+    # the report names the model that read the cells and the stain it serves
+    for case_id, band in (("CASEQ", "Q-band"), ("CASEG", "G-band")):
+        text = " ".join(p.extract_text() for p in PdfReader(render_case_report(database, case_id,
+                                                                                tmp_path / f"{case_id}.pdf").pdf).pages)
+        assert f"all 1 (a {band} model)" in text and ("qmodel" if band == "Q-band" else "gmodel") in text, text
 
     # a new Q-band model promoted: the G-band model stays active, the old Q-band one is retired, and the next
     # Q-band case is read by the new one (the same predictor, as a watcher's worker keeps it)
