@@ -1,6 +1,7 @@
 """`chromobatch demo` (what `make demo` runs): the main job end to end on built-in defaults.
 
-Synthetic cases (normal and abnormal karyotypes) are written into an incoming folder, the watcher
+Synthetic cases (normal and abnormal karyotypes; one delivered as whole metaphase images, as a scanner
+writes them, the rest as chromosome crops) are written into an incoming folder, the watcher
 processes them once with the shipped default model into a SQLite database, and a table of the cases with
 their suggested karyotypes and report paths is returned for printing.
 """
@@ -28,7 +29,11 @@ DEMO_CASES: list[tuple[str, list[str]]] = [
     ("DEMO-04", ["47,XX,+18"]),
     ("DEMO-05", ["45,X"]),
     ("DEMO-06", ["47,XXY", "47,XXY", "46,XY"]),
+    ("DEMO-07", ["46,XY"]),
 ]
+#: Cases delivered as whole metaphase images (one per cell, as a scanner writes them), not as crops: the
+#: watcher detects, segments and counts them before classifying.
+METAPHASE_CASES = {"DEMO-07"}
 MARKER = ".chromobatch-demo"
 
 
@@ -64,8 +69,10 @@ def run_demo(out: Path, settings: Settings, *, cells: int = 3, seed: int = 0, fm
     truths: dict[str, str] = {}
     for i, (case_id, plan) in enumerate(DEMO_CASES):
         kts = [plan[min(k, len(plan) - 1)] for k in range(cells)]
-        case = generate_case(incoming, case_id, cells=cells, fmt="dicom" if (fmt == "mixed" and i % 2) else
-                             ("png" if fmt == "mixed" else fmt), karyotype=kts, seed=seed + i)
+        whole = case_id in METAPHASE_CASES
+        case = generate_case(incoming, case_id, cells=cells, fmt="png" if whole or fmt == "mixed" and not i % 2
+                             else ("dicom" if fmt == "mixed" else fmt), karyotype=kts, seed=seed + i,
+                             metaphase="flat" if whole else None)
         truths[case_id] = json.loads((case / "truth.json").read_text())["karyotype"]
         (case / "READY").touch()
     db_path = out / "demo.sqlite"
