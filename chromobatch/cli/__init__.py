@@ -9,7 +9,7 @@ They are registered on the app here, in the order `chromobatch --help` lists the
 May import: anything (it is the top). `python -m chromobatch.cli` runs it too (the watcher's workers).
 """
 
-from chromobatch.cli import admin, cases, models, review, web
+from chromobatch.cli import admin, cases, models, review, segment, web
 from chromobatch.cli.main import app, main
 
 for _command in (cases.ingest, review.label, review.review, review.history, cases.demo, cases.watch, cases.status,
@@ -18,6 +18,7 @@ for _command in (cases.ingest, review.label, review.review, review.history, case
 app.add_typer(admin.config_app, name="config")
 app.add_typer(admin.db_app, name="db")
 app.add_typer(models.models_app, name="models")
+app.add_typer(segment.segment_app, name="segment")
 app.command()(web.serve)
 app.add_typer(web.users_app, name="users")
 

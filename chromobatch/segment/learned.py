@@ -1,0 +1,253 @@
+"""The learned segmenter: a compact U-Net (`unet.py`) predicts foreground and chromosome cores; a watershed
+grows every core into the foreground, which separates touching chromosomes; what stays one large object is
+flagged as a cluster (`objects.flag_clusters`).
+
+A model folder holds model.safetensors (weights, no pickle) and model.json (format "chromobatch-segmenter":
+architecture, post-processing thresholds, the chromosome width it was trained at, training record and
+test figures). Like the classifier's folders (`ml.folders`), loading checks every tensor's name and shape
+and names the file in every error.
+
+Scale: the network was trained on chromosomes about `stroke_width` px wide (BioImLab, 768 x 576). A
+metaphase photographed at another magnification (the 1600 x 1200 G-band example has ~2.5x wider
+chromosomes) is resized so its chromosomes have that width before the network sees it, and the instances
+are mapped back to the original pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import chromobatch
+from chromobatch.errors import ModelError
+from chromobatch.files import atomic_write
+from chromobatch.segment.base import Instance
+from chromobatch.segment.objects import flag_clusters, otsu_foreground, regions_to_instances, stroke_width
+from chromobatch.segment.unet import UNet, pad_to_stride
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+META = "model.json"
+FORMAT = "chromobatch-segmenter"
+FORMAT_VERSION = 1
+#: Post-processing defaults (tuned on the validation split by `train`; model.json may override them).
+POSTPROCESS = {"fg_threshold": 0.5, "core_threshold": 0.5, "min_seed": 6, "min_area": 25,
+               "cluster_factor": 2.5}
+
+
+def sha256_file(path: Path) -> str:
+    """The weights' checksum (hashlib here: importing ml.folders would pull in timm, seconds of start-up)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_net(meta: dict[str, Any]) -> UNet:
+    return UNet(channels=tuple(int(c) for c in meta["channels"]))
+
+
+def save_segmenter(net: UNet, meta: dict[str, Any], folder: str | Path) -> Path:
+    """Write `folder`/model.safetensors + model.json atomically (a reader sees the old or the new file)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    full = dict(meta)
+    full.update({"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": "unet",
+                 "channels": list(net.channels), "chromobatch_version": chromobatch.__version__})
+    full.setdefault("postprocess", dict(POSTPROCESS))
+    atomic_write(folder / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    atomic_write(folder / META, json.dumps(full, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / META
+    if not path.is_file():
+        raise ModelError(f"{path}: missing (a segmenter folder holds {WEIGHTS} + {META})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a chromobatch segmenter description (format != {FORMAT!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelError(f"{path}: format version {meta['format_version']} is newer than this chromobatch")
+    if not isinstance(meta.get("channels"), list) or not meta["channels"]:
+        raise ModelError(f"{path}: lacks 'channels' (the U-Net's widths)")
+    return meta
+
+
+def update_meta(folder: str | Path, changes: dict[str, Any]) -> dict[str, Any]:
+    """Merge `changes` into a segmenter folder's model.json (atomically)."""
+    meta = read_meta(folder)
+    meta.update(changes)
+    atomic_write(Path(folder) / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+class LearnedSegmenter:
+    """A trained U-Net + watershed; `segment(grey)` on a normalised metaphase (dark on light, uint8)."""
+
+    def __init__(self, net: UNet, meta: dict[str, Any], *, name: str = "unet", version: str = "",
+                 threads: int | None = None) -> None:
+        self.net = net.eval()
+        self.meta = meta
+        self.name = name
+        self.version = version or str(meta.get("version", ""))
+        self.post = {**POSTPROCESS, **meta.get("postprocess", {})}
+        self.threads = threads
+        self.last_timing: dict[str, float] = {}
+
+    # -- the steps, public so that training can tune the post-processing on cached network outputs --
+
+    def scale_for(self, grey: np.ndarray) -> float:
+        """Factor the image is resized by so its chromosomes are as wide as in training (1.0: as is)."""
+        ref = self.meta.get("stroke_width")
+        if not ref:
+            return 1.0
+        width = stroke_width(otsu_foreground(grey))
+        if width is None:
+            return 1.0
+        factor = float(ref) / width
+        return 1.0 if 0.8 <= factor <= 1.25 else factor
+
+    @torch.no_grad()
+    def probabilities(self, grey: np.ndarray) -> np.ndarray:
+        """(2, H, W) float32: foreground and core probabilities for a normalised uint8 image."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        x = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float32) / 255.0)[None, None]
+        x = (x - 0.5) / 0.25
+        x, (h, w) = pad_to_stride(x, self.net.stride)
+        out = torch.sigmoid(self.net(x))[0, :, :h, :w]
+        return out.numpy()
+
+    def instances_from(self, probs: np.ndarray) -> list[Instance]:
+        """Foreground + cores -> instances: seeds are the core components, watershed grows them over the
+        foreground; foreground components without any core become instances of their own."""
+        from scipy import ndimage as ndi
+        from skimage.morphology import remove_small_objects
+        from skimage.segmentation import watershed
+
+        p = self.post
+        pfg, pcore = probs[0], probs[1]
+        fg = pfg > float(p["fg_threshold"])
+        fg = remove_small_objects(fg, max_size=int(p["min_area"]) - 1)
+        seeds, n = ndi.label((pcore > float(p["core_threshold"])) & fg)
+        if n:
+            sizes = np.bincount(seeds.ravel())
+            small = sizes < int(p["min_seed"])
+            small[0] = False
+            seeds[small[seeds]] = 0
+        labels = watershed(-pcore, markers=seeds, mask=fg)
+        orphans, k = ndi.label(fg & (labels == 0))
+        if k:
+            labels = np.where(orphans > 0, orphans + labels.max(), labels)
+        labels, _, _ = _relabel(labels)
+        scores = _region_scores(labels, pfg, pcore)
+        return regions_to_instances(labels, scores, min_area=int(p["min_area"]),
+                                    cluster_factor=float(p["cluster_factor"]))
+
+    def segment(self, grey: np.ndarray) -> list[Instance]:
+        if grey.ndim != 2 or grey.dtype != np.uint8:
+            raise ValueError(f"segment wants a normalised uint8 (H, W) image, got {grey.dtype} {grey.shape}")
+        t0 = time.perf_counter()
+        scale = self.scale_for(grey)
+        work = grey if scale == 1.0 else _resize(grey, scale)
+        t1 = time.perf_counter()
+        probs = self.probabilities(work)
+        t2 = time.perf_counter()
+        inst = self.instances_from(probs)
+        if scale != 1.0:
+            inst = _rescale_instances(inst, grey.shape, scale)
+            flag_clusters(inst, float(self.post["cluster_factor"]))
+        t3 = time.perf_counter()
+        self.last_timing = {"scale": t1 - t0, "network": t2 - t1, "watershed": t3 - t2, "factor": scale}
+        return inst
+
+
+def _relabel(labels: np.ndarray) -> tuple[np.ndarray, Any, Any]:
+    from skimage.segmentation import relabel_sequential
+
+    return relabel_sequential(labels.astype(np.int32))
+
+
+def _region_scores(labels: np.ndarray, pfg: np.ndarray, pcore: np.ndarray) -> dict[int, float]:
+    """Per region: mean foreground probability times its highest core probability (an instance with a
+    confident core and a clean outline scores near 1)."""
+    from scipy import ndimage as ndi
+
+    n = int(labels.max())
+    if n == 0:
+        return {}
+    idx = np.arange(1, n + 1)
+    mean_fg = ndi.mean(pfg, labels, idx)
+    max_core = ndi.maximum(pcore, labels, idx)
+    return {int(i): float(a * b) for i, a, b in zip(idx, mean_fg, max_core, strict=True)}
+
+
+def _resize(grey: np.ndarray, scale: float) -> np.ndarray:
+    from PIL import Image
+
+    h, w = grey.shape
+    size = (max(16, round(w * scale)), max(16, round(h * scale)))
+    return np.asarray(Image.fromarray(grey).resize(size, Image.Resampling.BILINEAR))
+
+
+def _rescale_instances(instances: list[Instance], shape: tuple[int, int], scale: float) -> list[Instance]:
+    """Instances found on a resized image, mapped back onto the original pixels."""
+    from PIL import Image
+
+    out = []
+    h, w = shape
+    for inst in instances:
+        x0, y0, x1, y1 = inst.box
+        X0, Y0 = int(np.floor(x0 / scale)), int(np.floor(y0 / scale))
+        X1, Y1 = min(w, int(np.ceil(x1 / scale))), min(h, int(np.ceil(y1 / scale)))
+        if X1 <= X0 or Y1 <= Y0:
+            continue
+        m = Image.fromarray(inst.mask.astype(np.uint8) * 255).resize((X1 - X0, Y1 - Y0), Image.Resampling.BILINEAR)
+        mask = np.asarray(m) >= 128
+        if not mask.any():
+            continue
+        out.append(Instance(mask=mask, box=(X0, Y0, X1, Y1), score=inst.score, cluster=1, notes=dict(inst.notes)))
+    return out
+
+
+def load_segmenter_folder(folder: str | Path, threads: int | None = None) -> LearnedSegmenter:
+    """Rebuild a saved segmenter; ModelError names the faulty file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: segmenter folder not found")
+    meta = read_meta(folder)
+    wpath = folder / WEIGHTS
+    if not wpath.is_file():
+        raise ModelError(f"{wpath}: missing (a segmenter folder holds {WEIGHTS} + {META})")
+    try:
+        state = load_file(str(wpath), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{wpath}: corrupt or not a safetensors file: {exc}") from exc
+    net = build_net(meta)
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or extra or wrong:
+        raise ModelError(f"{wpath}: weights do not fit the U-Net {meta['channels']}: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}, wrong shape {wrong[:3]}")
+    net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    version = str(meta.get("version") or sha256_file(wpath)[:12])
+    return LearnedSegmenter(net, meta, name=f"unet-{'-'.join(str(c) for c in meta['channels'])}",
+                            version=version, threads=threads)

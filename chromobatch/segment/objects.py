@@ -1,0 +1,81 @@
+"""What both segmenters share: labelled regions into Instances, cluster flagging, chromosome width.
+
+Cluster rule (both segmenters): an object much larger than the image's median chromosome (more than
+`CLUSTER_FACTOR` times its area) that could not be split is kept whole and flagged "cluster, about N
+chromosomes" with N = round(area / median area), never guessed apart. The largest human chromosome is
+about twice the median one, so 2.5x leaves room for chromosome 1 while catching two or more stuck together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from chromobatch.segment.base import Instance
+
+CLUSTER_FACTOR = 2.5
+
+
+def regions_to_instances(labels: np.ndarray, scores: dict[int, float] | None = None,
+                         min_area: int = 1, cluster_factor: float = CLUSTER_FACTOR,
+                         reference_area: float | None = None) -> list[Instance]:
+    """Each label > 0 of `labels` (H, W ints) as an Instance, small ones (< min_area px) dropped, large
+    ones flagged as clusters relative to the median area (or `reference_area` when given)."""
+    from scipy import ndimage as ndi
+
+    out: list[Instance] = []
+    slices = ndi.find_objects(labels)
+    for idx, sl in enumerate(slices, start=1):
+        if sl is None:
+            continue
+        mask = labels[sl] == idx
+        if int(mask.sum()) < min_area:
+            continue
+        ys, xs = sl
+        box = (int(xs.start), int(ys.start), int(xs.stop), int(ys.stop))
+        score = 1.0 if scores is None else float(scores.get(idx, 1.0))
+        out.append(Instance(mask=mask, box=box, score=score))
+    flag_clusters(out, cluster_factor, reference_area)
+    return out
+
+
+def flag_clusters(instances: list[Instance], cluster_factor: float = CLUSTER_FACTOR,
+                  reference_area: float | None = None) -> None:
+    """Mark instances far larger than the median chromosome as clusters of about N (in place)."""
+    if not instances:
+        return
+    areas = np.array([i.area for i in instances], dtype=np.float64)
+    median = float(reference_area) if reference_area else float(np.median(areas))
+    if median <= 0:
+        return
+    for inst, area in zip(instances, areas, strict=True):
+        ratio = area / median
+        if ratio > cluster_factor:
+            inst.cluster = max(2, int(round(ratio)))
+            inst.notes["cluster_reason"] = f"area {ratio:.1f}x the median chromosome, not separable"
+            inst.score = min(inst.score, 0.5)
+
+
+def stroke_width(fg: np.ndarray) -> float | None:
+    """The median width (px) of the elongated objects in a foreground mask: twice the distance transform
+    along their skeletons. None when there is too little foreground to tell."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import skeletonize
+
+    if fg.sum() < 200:
+        return None
+    dist = ndi.distance_transform_edt(fg)
+    skel = skeletonize(fg)
+    vals = dist[skel]
+    if len(vals) < 50:
+        return None
+    return float(2.0 * np.median(vals))
+
+
+def otsu_foreground(grey: np.ndarray, min_area: int = 30) -> np.ndarray:
+    """Dark objects on a light background by Otsu's threshold, specks removed."""
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_objects
+
+    t = threshold_otsu(grey)
+    fg = grey < t
+    return np.asarray(remove_small_objects(fg, max_size=min_area - 1))

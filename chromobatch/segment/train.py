@@ -1,0 +1,276 @@
+"""Training the learned segmenter on annotated metaphases (bioimlab-metaphase's train split, optionally
+with synthetic G-band spreads), choosing on the validation split.
+
+Why random crops: the CPU is shared, so each step sees a small batch of 256 x 256 crops (most centred on
+the spread) with flips, 90-degree turns, a random scale, gamma, contrast, blur, noise and an uneven
+background; full images are only used for validation, where the whole pipeline (network + watershed +
+cluster flags) is scored by instance F1 at IoU 0.5 and count error. The best validation model is written
+as a segmenter folder after each validation (atomically), so an interrupted run leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from chromobatch.errors import DataError
+from chromobatch.files import atomic_write
+from chromobatch.segment.base import Instance
+from chromobatch.segment.data import Annotated, load_set
+from chromobatch.segment.learned import POSTPROCESS, LearnedSegmenter, save_segmenter
+from chromobatch.segment.metrics import SetScore, score_image
+from chromobatch.segment.objects import stroke_width
+from chromobatch.segment.unet import UNet
+
+log = logging.getLogger(__name__)
+
+#: A core pixel lies at least this far (px) from the background and from any other chromosome.
+CORE_MARGIN = 2
+
+
+@dataclass
+class SegTrainConfig:
+    steps: int = 3000
+    batch_size: int = 4
+    crop: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    val_every: int = 250
+    threads: int = 1
+    seed: int = 0
+    time_budget_min: float | None = None
+    synth_dir: str | None = None
+    synth_weight: float = 0.3
+    scale_range: tuple[float, float] = (0.75, 1.35)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def targets(shape: tuple[int, int], instances: list[Instance], margin: int = CORE_MARGIN) -> np.ndarray:
+    """(2, H, W) uint8: foreground (any chromosome) and cores (inside one chromosome only, `margin` px in)."""
+    from scipy import ndimage as ndi
+
+    fg = np.zeros(shape, dtype=bool)
+    count = np.zeros(shape, dtype=np.uint8)
+    for inst in instances:
+        x0, y0, x1, y1 = inst.box
+        fg[y0:y1, x0:x1] |= inst.mask
+        count[y0:y1, x0:x1] += inst.mask.astype(np.uint8)
+    core = np.zeros(shape, dtype=bool)
+    structure = ndi.generate_binary_structure(2, 1)
+    for inst in instances:
+        x0, y0, x1, y1 = inst.box
+        padded = np.pad(inst.mask, margin)
+        eroded = ndi.binary_erosion(padded, structure, iterations=margin)[margin:-margin, margin:-margin]
+        core[y0:y1, x0:x1] |= eroded & (count[y0:y1, x0:x1] == 1)
+    return np.stack([fg, core]).astype(np.uint8)
+
+
+class CropSampler:
+    """Random augmented crops of annotated images (image, targets) as float tensors."""
+
+    def __init__(self, items: list[Annotated], cfg: SegTrainConfig, rng: np.random.Generator,
+                 weights: np.ndarray | None = None) -> None:
+        if not items:
+            raise DataError("no annotated images to train on")
+        self.items = items
+        self.targets = [targets(a.grey.shape, a.instances) for a in items]
+        self.cfg = cfg
+        self.rng = rng
+        w = np.ones(len(items)) if weights is None else np.asarray(weights, dtype=np.float64)
+        self.p = w / w.sum()
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        from PIL import Image
+
+        cfg, rng = self.cfg, self.rng
+        k = int(rng.choice(len(self.items), p=self.p))
+        grey, tgt = self.items[k].grey, self.targets[k]
+        h, w = grey.shape
+        scale = float(np.exp(rng.uniform(np.log(cfg.scale_range[0]), np.log(cfg.scale_range[1]))))
+        side = min(int(round(cfg.crop / scale)), h, w)
+        if rng.random() < 0.85 and tgt[0].any():
+            ys, xs = np.nonzero(tgt[0])
+            i = int(rng.integers(len(ys)))
+            cy, cx = int(ys[i]), int(xs[i])
+        else:
+            cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0 = int(np.clip(cy - side // 2, 0, h - side))
+        x0 = int(np.clip(cx - side // 2, 0, w - side))
+        img = grey[y0 : y0 + side, x0 : x0 + side]
+        t = tgt[:, y0 : y0 + side, x0 : x0 + side]
+        if side != cfg.crop:
+            img = np.asarray(Image.fromarray(img).resize((cfg.crop, cfg.crop), Image.Resampling.BILINEAR))
+            t = np.stack([np.asarray(Image.fromarray(c * 255).resize((cfg.crop, cfg.crop),
+                                                                      Image.Resampling.BILINEAR)) >= 128
+                          for c in t]).astype(np.uint8)
+        kr = int(rng.integers(4))
+        img, t = np.rot90(img, kr), np.rot90(t, kr, axes=(1, 2))
+        if rng.random() < 0.5:
+            img, t = img[:, ::-1], t[:, :, ::-1]
+        return _photometric(img.astype(np.float32) / 255.0, rng), np.ascontiguousarray(t)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ts = zip(*(self.sample() for _ in range(self.cfg.batch_size)), strict=True)
+        x = torch.from_numpy(np.stack(xs)[:, None])
+        return (x - 0.5) / 0.25, torch.from_numpy(np.stack(ts)).float()
+
+
+def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gamma, contrast, background level and slope, blur and noise: microscopes and cameras differ."""
+    from scipy import ndimage as ndi
+
+    img = np.clip(img, 0, 1) ** float(np.exp(rng.uniform(-0.5, 0.5)))
+    bg = float(np.median(img))
+    img = bg + (img - bg) * float(rng.uniform(0.6, 1.3))
+    h, w = img.shape
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = img + rng.uniform(-0.1, 0.1) + rng.uniform(-0.1, 0.1) * yy + rng.uniform(-0.1, 0.1) * xx
+    if rng.random() < 0.3:
+        img = ndi.gaussian_filter(img, float(rng.uniform(0.5, 1.5)))
+    if rng.random() < 0.5:
+        img = img + rng.normal(0, rng.uniform(0.005, 0.04), img.shape)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def loss_fn(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice on both maps (Dice keeps the thin cores from being swamped by background)."""
+    bce = F.binary_cross_entropy_with_logits(logits, t)
+    p = torch.sigmoid(logits)
+    inter = (p * t).sum(dim=(0, 2, 3))
+    dice = 1 - (2 * inter + 1) / (p.sum(dim=(0, 2, 3)) + t.sum(dim=(0, 2, 3)) + 1)
+    return bce + dice.mean()
+
+
+def evaluate(seg: LearnedSegmenter, items: list[Annotated],
+             probs: list[np.ndarray] | None = None) -> SetScore:
+    """The whole segmenter on full images (network outputs may be passed in, cached)."""
+    scores = []
+    for i, a in enumerate(items):
+        inst = seg.instances_from(probs[i]) if probs is not None else seg.segment(a.grey)
+        scores.append(score_image(inst, a.instances, a.name))
+    return SetScore(scores)
+
+
+def tune_postprocess(seg: LearnedSegmenter, items: list[Annotated]) -> dict[str, Any]:
+    """Choose the thresholds on validation images (network run once), one at a time (core threshold, then
+    seed size, then foreground threshold): by F1, then count error."""
+    probs = [seg.probabilities(a.grey) for a in items]
+    grid: dict[str, tuple[float, ...]] = {"core_threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "min_seed": (3, 6, 12),
+                                          "fg_threshold": (0.4, 0.5, 0.6)}
+    chosen = dict(seg.post)
+    for key, values in grid.items():
+        best: tuple[float, float] | None = None
+        for v in values:
+            seg.post = {**chosen, key: v}
+            s = evaluate(seg, items, probs)
+            rank = (s.f1, -s.mean_abs_count_error)
+            if best is None or rank > best:
+                best, pick = rank, v
+        chosen[key] = pick
+    seg.post = chosen
+    return chosen
+
+
+def train_segmenter(data: Path, out: Path, cfg: SegTrainConfig,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train, validate every `val_every` steps, keep the best model in `out`; returns the training record."""
+    say = progress or log.info
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, cfg.threads))
+    rng = np.random.default_rng(cfg.seed)
+    train = load_set(Path(data), "train")
+    val = load_set(Path(data), "val")
+    if not train or not val:
+        raise DataError(f"{data}: needs images in both the train and the val split (manifest.csv split)")
+    weights = np.ones(len(train))
+    synth: list[Annotated] = []
+    if cfg.synth_dir:
+        synth = load_set(Path(cfg.synth_dir))
+        if synth:
+            share = cfg.synth_weight / (1 - cfg.synth_weight)
+            weights = np.concatenate([weights, np.full(len(synth), share * len(train) / len(synth))])
+    sampler = CropSampler(train + synth, cfg, rng, weights)
+    widths = [w for w in (stroke_width(t[0].astype(bool)) for t in sampler.targets[: len(train)]) if w]
+    ref_width = float(np.median(widths)) if widths else None
+    net = UNet(cfg.channels)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = min(200, cfg.steps // 10)
+    t0 = time.monotonic()
+
+    def lr_at(step: int) -> float:
+        """Warm-up, then cosine over the run: its steps, or its time budget when that ends it first."""
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        done = (step - warm) / max(1, cfg.steps - warm)
+        if cfg.time_budget_min:
+            done = max(done, (time.monotonic() - t0) / (cfg.time_budget_min * 60))
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+    meta: dict[str, Any] = {"stroke_width": ref_width, "postprocess": dict(POSTPROCESS),
+                            "training": {"config": _jsonable(asdict(cfg)), "data": str(data),
+                                         "train_images": len(train), "synth_images": len(synth),
+                                         "val_images": len(val)}}
+    history: list[dict[str, Any]] = []
+    best: tuple[float, float] | None = None
+    running = 0.0
+    step = 0
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        net.train()
+        x, t = sampler.batch()
+        loss = loss_fn(net(x), t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lv = float(loss.detach())
+        running = 0.98 * running + 0.02 * lv if step else lv
+        out_of_time = cfg.time_budget_min is not None and time.monotonic() - t0 > cfg.time_budget_min * 60
+        last = step == cfg.steps - 1 or out_of_time
+        if (step + 1) % cfg.val_every == 0 or last:
+            net.eval()
+            seg = LearnedSegmenter(net, meta)
+            s = evaluate(seg, val)
+            rec = {"step": step + 1, "loss": round(running, 4), "minutes": round((time.monotonic() - t0) / 60, 2),
+                   **{k: round(v, 4) if isinstance(v, float) else v for k, v in s.summary().items()}}
+            history.append(rec)
+            say(json.dumps(rec))
+            key = (s.f1, -s.mean_abs_count_error)
+            if best is None or key > best:
+                best = key
+                meta["training"].update({"best_step": step + 1, "val": s.summary(),
+                                         "wall_minutes": rec["minutes"]})
+                save_segmenter(net, meta, out)
+            atomic_write(Path(out) / "history.json", json.dumps(history, indent=1) + "\n")
+        if out_of_time:
+            say(f"time budget of {cfg.time_budget_min} min reached at step {step + 1}")
+            break
+    meta["training"]["steps_run"] = step + 1
+    meta["training"]["total_minutes"] = round((time.monotonic() - t0) / 60, 2)
+    # the best checkpoint's post-processing, tuned on the validation split
+    from chromobatch.segment.learned import load_segmenter_folder, update_meta
+
+    seg = load_segmenter_folder(out, threads=cfg.threads)
+    chosen = tune_postprocess(seg, val)
+    s = evaluate(seg, val)
+    tuned = {"postprocess": chosen, "training": {**seg.meta["training"], "steps_run": step + 1,
+                                                 "total_minutes": meta["training"]["total_minutes"],
+                                                 "val_tuned": s.summary()}}
+    update_meta(out, tuned)
+    say(f"post-processing tuned on val: {chosen} -> {json.dumps(s.summary())}")
+    return {"history": history, "postprocess": chosen, "val": s.summary()}
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=list))
