@@ -197,16 +197,20 @@ def default_segmenter(name: str) -> Segmenter:
 
 def process_case(database: Database, case_dir: Path, *, predictor: Predictor, settings: Settings,
                  force: bool = False, job_id: int | None = None, job_worker: str | None = None,
-                 reports_dir: Path | None = None, segmenter: Segmenter | None = None) -> ProcessResult:
+                 reports_dir: Path | None = None, segmenter: Segmenter | None = None,
+                 scanned: ScannedCase | None = None) -> ProcessResult:
     """Process one case folder; a bad case raises a ChromobatchError (its rejections are recorded first).
 
     job_id/job_worker: the watcher's claimed job, marked done in the same transaction as the results.
     segmenter: for whole metaphase images (default: the one `settings.segmenter` names).
+    scanned: the folder already scanned and its metaphases cut (`service.batching`, which predicts several
+    waiting cases in one pass); None: scanned here.
     """
     t0 = time.perf_counter()
-    scanned = scan_case(Path(case_dir), polarity=settings.polarity, max_pixels=settings.max_image_pixels,
-                        input_kind=settings.input)
-    cut_metaphases(database, scanned, settings, segmenter)
+    if scanned is None:
+        scanned = scan_case(Path(case_dir), polarity=settings.polarity, max_pixels=settings.max_image_pixels,
+                            input_kind=settings.input)
+        cut_metaphases(database, scanned, settings, segmenter)
     predictor = predictor.for_polarity(scanned.meta.get("polarity"))  # the model of the case's stain
     for file, reason in sorted(scanned.rejected.items()):
         log.warning("case %s: file not used: %s: %s", scanned.case_id, file, reason)

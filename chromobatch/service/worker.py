@@ -180,10 +180,56 @@ class Worker:
         if job is None:
             return False
         try:
-            self.handle(job)
+            batch = [job] + self._claim_more()
+            if len(batch) == 1:
+                self.handle(job)
+            else:
+                self._handle_batch(batch)
         finally:
             release_freed_memory()
         return True
+
+    def _claim_more(self) -> list[jobs.ClaimedJob]:
+        """More waiting jobs to share one forward pass with (settings.batch_cases; pipeline runs only)."""
+        from chromobatch.service.batching import cases_per_pass
+        from chromobatch.service.pipeline import process_case
+
+        if self.process is not process_case:
+            return []
+        more: list[jobs.ClaimedJob] = []
+        while len(more) + 1 < cases_per_pass(self.settings, self.predictor) and not self.stop.is_set():
+            job = jobs.claim(self.database, self.name)
+            if job is None:
+                break
+            more.append(job)
+        return more
+
+    def _handle_batch(self, batch: list[jobs.ClaimedJob]) -> None:
+        """Several claimed jobs: their crops predicted in one pass, then each case processed (and committed)
+        on its own, in claim order. Every job's heartbeat runs for the whole batch."""
+        from chromobatch.service.batching import forget, scan_and_prime
+
+        heartbeats = [_Heartbeat(self.database, j.id, self.name, self.settings.heartbeat_seconds) for j in batch]
+        for hb in heartbeats:
+            hb.__enter__()
+        scanned: dict[int, Any] = {}
+        try:
+            self._maybe_reload()
+            try:
+                scanned = scan_and_prime(self.database, {j.id: Path(j.path) for j in batch}, self.predictor,
+                                         self.settings)
+            except Exception as exc:  # noqa: BLE001 - each case still runs (and reports) on its own
+                log.warning("batched prediction of %d cases failed (%s); predicting them one by one", len(batch),
+                            exc)
+            for j in batch:
+                if self.stop.is_set():
+                    jobs.release(self.database, j.id, self.name, "released on stop before it was processed")
+                    continue
+                self.handle(j, scanned=scanned.get(j.id))
+        finally:
+            forget(self.predictor, scanned)
+            for hb in heartbeats:
+                hb.__exit__()
 
     def reclaim(self, *, force: bool = False) -> list[jobs.ReclaimedJob]:
         now = time.monotonic()
@@ -223,8 +269,10 @@ class Worker:
             jobs.set_case_location(self.database, case_id, dest)
         return dest
 
-    def handle(self, job: jobs.ClaimedJob) -> None:
-        """Process one claimed job; every outcome is recorded on the job, none escapes but a stop."""
+    def handle(self, job: jobs.ClaimedJob, scanned: Any = None) -> None:
+        """Process one claimed job; every outcome is recorded on the job, none escapes but a stop.
+
+        scanned: its folder as `_handle_batch` scanned it (handed to the pipeline, not scanned again)."""
         t0 = time.perf_counter()
         waited = (utcnow() - job.created_at).total_seconds() if job.created_at else 0.0
         self._maybe_reload()
@@ -234,8 +282,10 @@ class Worker:
             tries = 0
             while True:
                 try:
+                    extra = {"scanned": scanned} if scanned is not None else {}
                     result = self.process(self.database, folder, predictor=self.predictor, settings=self.settings,
-                                          job_id=job.id, job_worker=self.name, reports_dir=self.paths.reports)
+                                          job_id=job.id, job_worker=self.name, reports_dir=self.paths.reports,
+                                          **extra)
                     break
                 except Exception as exc:  # noqa: BLE001 - a bad case or a bug must not kill the watcher
                     reason = transient_reason(exc)
