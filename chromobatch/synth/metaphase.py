@@ -20,7 +20,7 @@ All randomness comes from the ``rng`` passed in: the same seed gives the same im
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +41,9 @@ from chromobatch.synth.render import (
 #: Image size (width, height) of the bioimlab-metaphase camera frames.
 DEFAULT_SIZE: tuple[int, int] = (768, 576)
 #: Magnification relative to the crop renderer (chromosome 1 ~100 px at condensation 1): drawn per image.
-#: 0.7-0.95 puts chromosome lengths (tip to tip) at a median ~40 px and a 98th percentile ~95 px, close to
-#: the bioimlab-metaphase polygons (median 46, 98th percentile 109 px).
-SCALE_RANGE: tuple[float, float] = (0.7, 0.95)
+#: Measured on 12 Q-band spreads: mask lengths (tip to tip) median ~42 px, 98th percentile ~100 px, widths
+#: median ~8 px; the bioimlab-metaphase polygons, drawn a few px outside the chromosomes, give 46 / 109 / 12.
+SCALE_RANGE: tuple[float, float] = (0.72, 1.0)
 
 
 def _grow(mask: np.ndarray, r: int) -> np.ndarray:
@@ -129,9 +129,9 @@ def _check_rate(name: str, value: float) -> float:
 
 
 def _piece(label: str, rng: np.random.Generator, stain: str, resolution: int, condensation: float,
-           imaging: Imaging, scale: float, min_gap: int) -> _Piece:
+           imaging: Imaging, scale: float, min_gap: int, bend: float) -> _Piece:
     drawn = chromosome_density(label, rng, style=stain, resolution=resolution, condensation=condensation,
-                               imaging=imaging, scale=scale, tight=True)
+                               imaging=imaging, scale=scale, tight=True, bend=bend)
     mask = drawn.body > 0
     if mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any():  # never seen; never cut
         drawn = chromosome_density(label, rng, style=stain, resolution=resolution, condensation=condensation,
@@ -306,10 +306,10 @@ class _Optics:
 
 
 def _draw_optics(rng: np.random.Generator, stain: str, imaging: Imaging) -> _Optics:
-    if stain == "G":
-        return _Optics("G", rng.uniform(205, 245), rng.uniform(0.55, 1.3), rng.uniform(0.7, 1.3),
+    if stain == "G":  # bright-field: from crisp and dark to soft and pale (the iroh example is the latter)
+        return _Optics("G", rng.uniform(205, 250), rng.uniform(0.35, 1.0), rng.uniform(0.8, 2.0),
                        rng.uniform(1.5, 4.0), rng.uniform(0.9, 1.15))
-    return _Optics("Q", rng.uniform(3, 22), rng.uniform(150, 230), imaging.blur * rng.uniform(0.8, 1.1),
+    return _Optics("Q", rng.uniform(0, 14), rng.uniform(150, 230), imaging.blur * rng.uniform(0.8, 1.1),
                    rng.uniform(1.5, 4.0), rng.uniform(0.9, 1.15))
 
 
@@ -319,11 +319,11 @@ def _illumination(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     yn = (np.arange(h, dtype=np.float32) / h - 0.5)[:, None]
     gx, gy = rng.normal(0, 0.08, 2)
     cx, cy = rng.normal(0, 0.15, 2)
-    vignette = rng.uniform(0.0, 0.25)
+    vignette = rng.uniform(0.0, 0.18)
     field_ = 1 + gx * xn + gy * yn - vignette * ((xn - cx) ** 2 + (yn - cy) ** 2)
     for _ in range(3):  # faint low-frequency unevenness: a few long waves
-        kx, ky = rng.normal(0, 2.5, 2)
-        field_ = field_ + rng.uniform(0, 0.012) * np.cos(2 * np.pi * (kx * xn + ky * yn) + rng.uniform(0, 6.3))
+        kx, ky = rng.normal(0, 1.2, 2)
+        field_ = field_ + rng.uniform(0, 0.006) * np.cos(2 * np.pi * (kx * xn + ky * yn) + rng.uniform(0, 6.3))
     return np.clip(field_, 0.5, 1.5).astype(np.float32)
 
 
@@ -345,7 +345,7 @@ def _expose(density: np.ndarray, optics: _Optics, rng: np.random.Generator) -> n
 # ------------------------------------------------------------------------------------------ nuclei, debris
 def _nucleus(rng: np.random.Generator, scale: float, stain: str) -> tuple[np.ndarray, np.ndarray]:
     """(density, mask) of one interphase nucleus: a round, slightly irregular, granular blob."""
-    a = scale * rng.uniform(38, 80)
+    a = scale * rng.uniform(55, 105)  # bioimlab-metaphase nuclei: ~70-85 px in radius
     b = a * rng.uniform(0.75, 1.0)
     theta = rng.uniform(0, math.pi)
     half = int(math.ceil(a)) + 4
@@ -367,12 +367,13 @@ def _speck(rng: np.random.Generator, scale: float) -> tuple[np.ndarray, np.ndarr
     """(density, mask) of a small speck of debris, or now and then a faint fibrous cloud."""
     if rng.random() < 0.12:
         rad = scale * rng.uniform(8, 22)
-        half = int(math.ceil(rad)) + 2
+        half = int(math.ceil(2 * rad)) + 2
         yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
         n = xx.shape[0]
-        fibres = _smooth_noise(rng, (n, n), 1.0)
-        dens = np.where((xx**2 + yy**2 < rad**2) & (fibres > 1.0), rng.uniform(0.1, 0.35), 0.0)
-        return dens, dens > 0
+        lump = np.exp(-(xx**2 + yy**2) / (2 * rad**2)) * (1 + 0.6 * _smooth_noise(rng, (n, n), rad / 2))
+        fibres = _smooth_noise(rng, (n, n), rng.uniform(1.0, 2.0))
+        dens = np.clip(lump - 0.35, 0, None) * np.clip(fibres + 0.3, 0, None) * rng.uniform(0.15, 0.4)
+        return dens, dens > 0.01
     rad = scale * rng.uniform(0.7, 2.8)
     half = int(math.ceil(rad)) + 1
     yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
@@ -415,6 +416,7 @@ def render_metaphase(
     size: tuple[int, int] = DEFAULT_SIZE,
     scale: float | None = None,
     resolution: int | None = None,
+    condensation: float | None = None,
     crowding: float | None = None,
     overlap_rate: float = 0.08,
     touch_rate: float = 0.15,
@@ -427,6 +429,8 @@ def render_metaphase(
     ``karyotype`` (an ISCN name from synth.karyotypes; None: 46,XX or 46,XY at random) or ``labels`` (the
     classes to draw, e.g. a spread that lost chromosomes) say what is in the cell. ``size`` is (width,
     height). ``scale`` is the magnification relative to the crop renderer (None: drawn from SCALE_RANGE),
+    ``condensation`` the chromosomes' length factor (longer and thinner above 1, as in prometaphase; None:
+    drawn for the band level ``resolution``),
     ``crowding`` the spread's area per chromosome area (None: drawn from 2.5..7; lower is more crowded).
     ``overlap_rate`` and ``touch_rate`` are the fractions of chromosomes meant to overlap or touch another
     (each event involves two, so about rate x N / 2 events are placed; the flags on the result are measured).
@@ -452,7 +456,11 @@ def render_metaphase(
     elif resolution not in RESOLUTIONS:
         raise ConfigError(f"band resolution must be one of {RESOLUTIONS}, got {resolution!r}")
     lo, hi = CONDENSATION_RANGE[resolution]
-    condensation = float(rng.uniform(lo, hi))
+    drawn_condensation = float(rng.uniform(lo, hi))
+    if condensation is None:
+        condensation = drawn_condensation
+    elif not 0.5 <= condensation <= 3.0:
+        raise ConfigError(f"condensation must be within 0.5..3, got {condensation!r}")
     if scale is None:
         scale = float(rng.uniform(*SCALE_RANGE)) / math.sqrt(condensation)  # longer cells: wider field
     if crowding is None:
@@ -460,16 +468,20 @@ def render_metaphase(
     elif not 1.0 <= crowding <= 50.0:
         raise ConfigError(f"crowding must be within 1..50, got {crowding!r}")
     imaging = draw_imaging(rng, stain)
+    if stain == "G":  # whole slides show softer bands than karyogram crops (no contrast stretch per crop)
+        imaging = replace(imaging, base=float(rng.uniform(0.3, 0.65)))
     optics = _draw_optics(rng, stain, imaging)
 
     order = rng.permutation(len(cell))
-    pieces = [_piece(cell[i], rng, stain, resolution, condensation, imaging, scale, min_gap) for i in order]
+    bend = float(rng.uniform(0.8, 1.2)) * max(condensation, 1.0) ** 1.5  # long chromosomes curl more
+    pieces = [_piece(cell[i], rng, stain, resolution, condensation, imaging, scale, min_gap, bend) for i in order]
     area = sum(int(p.mask.sum()) for p in pieces)
     radius = math.sqrt(crowding * area / math.pi)
     aspect = rng.uniform(0.75, 1.0)
     radii = [min(radius / math.sqrt(aspect), 0.48 * w), min(radius * math.sqrt(aspect), 0.48 * h)]
-    centre = (rng.uniform(min(radii[0], w / 2), max(w - radii[0], w / 2)),
-              rng.uniform(min(radii[1], h / 2), max(h - radii[1], h / 2)))
+    # the microscopist centres the cell, more or less
+    centre = (float(np.clip(w / 2 + rng.normal(0, 0.12 * w), min(radii[0], w / 2), max(w - radii[0], w / 2))),
+              float(np.clip(h / 2 + rng.normal(0, 0.12 * h), min(radii[1], h / 2), max(h - radii[1], h / 2))))
     canvas = _Canvas(h, w, edge=2)
     for i, piece in enumerate(pieces):
         # Steer towards the rates asked for: the shortfall of flagged chromosomes (an event flags two).
@@ -489,9 +501,10 @@ def render_metaphase(
     chromosomes = canvas.count > 0
     nucleus_mask = np.zeros((h, w), dtype=bool)
     n_nuclei = int(rng.choice([0, 1, 2], p=[0.4, 0.45, 0.15])) if nuclei is None else int(nuclei)
-    placed_nuclei = _add_blobs(rng, density, nucleus_mask, chromosomes,
-                               [_nucleus(rng, scale, stain) for _ in range(n_nuclei)], margin=6,
-                               allow_partial=True)
+    placed_nuclei = 0
+    for _ in range(n_nuclei):
+        placed_nuclei += _add_blobs(rng, density, nucleus_mask, chromosomes | nucleus_mask,
+                                    [_nucleus(rng, scale, stain)], margin=6, allow_partial=True)
     debris_mask = np.zeros((h, w), dtype=bool)
     n_debris = int(rng.integers(0, 41)) if debris is None else int(debris)
     _add_blobs(rng, density, debris_mask, chromosomes | nucleus_mask, [_speck(rng, scale) for _ in range(n_debris)],
@@ -547,8 +560,10 @@ def render_nucleus_only(rng: np.random.Generator, *, stain: str = "G", size: tup
     n = int(rng.integers(1, 4)) if nuclei is None else int(nuclei)
     if n < 1:
         raise ConfigError(f"a nucleus-only image needs at least one nucleus, got {nuclei!r}")
-    placed = _add_blobs(rng, density, taken, np.zeros((h, w), dtype=bool),
-                        [_nucleus(rng, scale, stain) for _ in range(n)], margin=0, allow_partial=False)
+    placed = 0
+    for _ in range(n):  # one at a time, apart from each other
+        placed += _add_blobs(rng, density, taken, taken.copy(), [_nucleus(rng, scale, stain)], margin=4,
+                             allow_partial=False)
     if placed == 0:
         raise ConfigError(f"no nucleus fits in a {w} x {h} image", hint="Use a larger size.")
     _add_blobs(rng, density, np.zeros((h, w), dtype=bool), taken,

@@ -106,14 +106,18 @@ def _band_stain(ch: BandedChromosome, style: str, rng: np.random.Generator) -> t
     return stain, width
 
 
-def _centreline(length: float, rng: np.random.Generator, upright: bool, t_cen: float) -> np.ndarray:
-    """Points of a smoothly bent axis of the given arc length, (n+1, 2) as (x, y) with y down."""
+def _centreline(length: float, rng: np.random.Generator, upright: bool, t_cen: float,
+                bend_scale: float = 1.0) -> np.ndarray:
+    """Points of a smoothly bent axis of the given arc length, (n+1, 2) as (x, y) with y down; ``bend_scale``
+    multiplies the bending (long prometaphase chromosomes on a slide curl more)."""
     n = int(np.clip(math.ceil(length / 7.0), 2, 16))
     t = (np.arange(n) + 0.5) / n
     a1 = rng.normal(0.0, 1.3 if rng.random() < 0.15 else 0.4)
     a2 = rng.normal(0.0, 0.35)
     kink = rng.normal(0.0, 0.5) if rng.random() < 0.3 else 0.0
     bend = a1 * (t - 0.5) + a2 * (4 * (t - 0.5) ** 2 - 1 / 3) + kink / (1 + np.exp(-(t - t_cen) / 0.04))
+    if bend_scale != 1.0:
+        bend = bend * bend_scale
     if upright:
         theta0 = math.pi / 2 + rng.normal(0.0, 0.05)
         bend = bend * 0.5
@@ -221,12 +225,14 @@ def chromosome_density(
     upright: bool = False,
     scale: float = 1.0,
     tight: bool = False,
+    bend: float = 1.0,
 ) -> ChromosomeDensity:
     """The stain density of one chromosome, before optics and camera (see render_chromosome).
 
     ``scale`` magnifies length and width together (the microscope's pixel size): 1.0 is the crop scale,
     whole metaphases (chromobatch.synth.metaphase) draw several chromosomes at one scale into one image.
-    ``tight`` leaves a 2 px margin instead of the crop's blur and background margin (same random draws).
+    ``tight`` leaves a 2 px margin instead of the crop's blur and background margin (same random draws);
+    ``bend`` multiplies the axis's bending.
     """
     label = check_label(label)
     check_style(style)
@@ -249,7 +255,7 @@ def chromosome_density(
 
     grid, profile, widths, spread = _axis_profiles(ch, style, resolution, rng, total_px, px_per_iscn)
 
-    pts = _centreline(arc, rng, upright, ch.centromere / ch.length)
+    pts = _centreline(arc, rng, upright, ch.centromere / ch.length, bend)
     margin = half_width + 3 * im.blur + int(rng.integers(3, 9))
     if tight:
         margin = half_width * 1.7 + 2  # the outline's wobble and the satellites' width stay inside

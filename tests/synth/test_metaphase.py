@@ -183,10 +183,15 @@ def test_fast_enough() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- negatives
-def _objects(img: np.ndarray, stain: str) -> tuple[np.ndarray, int]:
-    """Connected objects clearly off the background (the background level is the image median)."""
-    level = float(np.median(img))
-    off = (img.astype(float) < level - 30) if stain == "G" else (img.astype(float) > level + 30)
+def _objects(img: np.ndarray, stain: str, smooth: float = 0.0) -> tuple[np.ndarray, int]:
+    """Connected objects clearly off the local background (uneven light taken out: the background is the
+    brightest (G) or darkest (Q) level within ~250 px, smoothed)."""
+    grey = ndimage.gaussian_filter(img.astype(float), smooth) if smooth else img.astype(float)
+    small = ndimage.uniform_filter(img.astype(float), 8)[4::8, 4::8]
+    rank = ndimage.maximum_filter if stain == "G" else ndimage.minimum_filter
+    bg_small = ndimage.gaussian_filter(rank(small, 31, mode="nearest"), 2)
+    bg = ndimage.zoom(bg_small, (img.shape[0] / bg_small.shape[0], img.shape[1] / bg_small.shape[1]), order=1)
+    off = (grey < bg - 30) if stain == "G" else (grey > bg + 30)
     return ndimage.label(off, np.ones((3, 3), bool))
 
 
@@ -203,7 +208,7 @@ def test_blank_field_holds_nothing_large(stain: str) -> None:
 @pytest.mark.parametrize("stain", ["G", "Q"])
 def test_nucleus_only_is_one_to_three_round_blobs(stain: str) -> None:
     img = render_nucleus_only(seeded_rng(4), stain=stain, nuclei=2)
-    lab, n = _objects(img, stain)
+    lab, n = _objects(img, stain, smooth=3.0)  # the chromatin's grain would split a nucleus
     sizes = np.bincount(lab.ravel())[1:]
     big = np.nonzero(sizes > 1500)[0] + 1
     assert len(big) == 2
@@ -343,3 +348,30 @@ def test_cli_synth_metaphase(tmp_path: Path) -> None:
     bad = subprocess.run([*cmd[:4], str(tmp_path / "x"), "--metaphase", "--metaphase-layout", "grid"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "flat or folder" in bad.stdout + bad.stderr
+
+
+def test_condensation_makes_longer_thinner_chromosomes() -> None:
+    def shape(cond: float) -> tuple[float, float]:
+        m = render_metaphase(seeded_rng(2), labels=["1"] * 6, condensation=cond, scale=1.0, size=(900, 700),
+                             overlap_rate=0, touch_rate=0)
+        lengths = [max(np.ptp(np.nonzero(mk)[0]), np.ptp(np.nonzero(mk)[1])) + 1 for mk in m.masks]
+        return float(np.mean(lengths)), float(np.mean([mk.sum() for mk in m.masks]) / np.mean(lengths))
+
+    (l1, w1), (l2, w2) = shape(1.0), shape(2.0)
+    assert l2 > 1.4 * l1 and w2 < w1
+    with pytest.raises(ConfigError):
+        render_metaphase(seeded_rng(2), condensation=5.0)
+
+
+def test_docs_figure(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from chromobatch.synth.montage import write_metaphase_figure
+
+    real = tmp_path / "real.png"
+    Image.fromarray(render_blank_field(seeded_rng(1), stain="Q", size=(200, 150))).save(real)
+    path = write_metaphase_figure(tmp_path / "fig.png", stain="Q", real=real, labels=["1", "2", "3"],
+                                  size=(200, 150), scale=0.8)
+    with Image.open(path) as im:
+        assert im.size[0] > 2.5 * im.size[1]  # three panels side by side
+        assert np.asarray(im.convert("L")).std() > 10
