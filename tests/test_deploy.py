@@ -12,7 +12,7 @@ import pytest
 from helpers import REPO
 
 DEPLOY = REPO / "deploy"
-UNITS = ["chromobatch-watch.service", "chromobatch-train.service", "chromobatch-train.timer"]
+UNITS = ["chromobatch-watch.service", "chromobatch-train.service", "chromobatch-train.timer", "chromobatch-web.service"]
 
 
 def _unit(name: str) -> dict[str, list[str]]:
@@ -36,6 +36,9 @@ def test_units_say_what_the_docs_promise() -> None:
     assert train["SuccessExitStatus"] == ["75"]  # retrain.LOCKED_EXIT_CODE: another run holds the lock
     timer = _unit("chromobatch-train.timer")
     assert timer["Persistent"] == ["true"] and timer["OnCalendar"]
+    web = _unit("chromobatch-web.service")  # the review workstation: loopback only, behind the TLS proxy
+    assert web["ExecStart"][0].startswith("/usr/local/bin/chromobatch serve --host 127.0.0.1 ")
+    assert "--secure-cookies" in web["ExecStart"][0] and web["EnvironmentFile"] == ["/etc/chromobatch/env"]
     from chromobatch.errors import LOCKED_EXIT_CODE
 
     assert LOCKED_EXIT_CODE == 75

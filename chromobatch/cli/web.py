@@ -38,6 +38,9 @@ def serve(
     secure_cookies: Annotated[bool, typer.Option("--secure-cookies/--no-secure-cookies",
                                                  help="Send the session cookie over HTTPS only (on behind a TLS "
                                                       "proxy).")] = False,
+    proxy: Annotated[str, typer.Option("--proxy", help="Address(es) of the reverse proxy whose X-Forwarded-For "
+                                                      "is trusted (comma-separated; '*': any, in a container).")]
+    = "127.0.0.1",
     reports: Annotated[str | None, typer.Option("--reports", help="Where sign-off writes the re-rendered PDF "
                                                                   "(the reports_dir setting).")] = None,
     db: DbOpt = None,
@@ -63,7 +66,7 @@ def serve(
     try:
         # access_log off: our middleware logs method, path without query string, status and user id
         uvicorn.run(create_app(database, options), host=host, port=port, access_log=False, log_config=None,
-                    proxy_headers=True, forwarded_allow_ips="127.0.0.1")
+                    proxy_headers=True, forwarded_allow_ips=proxy)
     finally:
         database.dispose()
 
