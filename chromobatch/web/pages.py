@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from sqlalchemy import String, cast, func, select
 
 from chromobatch import CLASSES
@@ -296,21 +296,15 @@ def thumbnail(database: Database, chromosome_pk: int) -> tuple[bytes, str]:
 
 
 def metaphase_png(database: Database, cell_pk: int) -> bytes:
-    """The cell's whole metaphase with each chromosome's outline (blue; red: not a chromosome), numbered."""
-    with database.session() as s:
-        png = s.execute(select(Cell.image_png).where(Cell.id == cell_pk)).scalar_one_or_none()
-        if png is None:
-            raise CellNotFound(f"cell key {cell_pk} has no metaphase image")
-        outlines = [(cid, poly, bool(nc)) for cid, poly, nc in s.execute(
-            select(Chromosome.id, Chromosome.polygon, Chromosome.not_chromosome)
-            .where(Chromosome.cell_id == cell_pk, Chromosome.polygon.isnot(None)).order_by(Chromosome.id))]
-    img = Image.open(io.BytesIO(png)).convert("RGB")
-    draw = ImageDraw.Draw(img)
-    width = max(1, round(max(img.size) / 600))
-    for _cid, poly, nc in outlines:
-        pts = [(float(x), float(y)) for x, y in poly or []]
-        if len(pts) >= 3:
-            draw.line(pts + [pts[0]], fill=(210, 20, 20) if nc else (20, 90, 220), width=width)
+    """The cell's whole metaphase with each chromosome outlined and numbered: report.overlay's drawing, the
+    one the PDF uses (blue: classified; red: low confidence, abnormal count or a cluster; orange: no class)."""
+    from chromobatch.report.overlay import outlined_metaphase
+
+    view = load_case_view(database, _case_id(database, cell_page_case(database, cell_pk)))
+    cell = next((c for c in view.all_cells if c.cell_id == cell_pk), None)
+    img = outlined_metaphase(database, cell, max_side=1200) if cell is not None else None
+    if img is None:
+        raise CellNotFound(f"cell key {cell_pk} has no metaphase image")
     return _png(img)
 
 
