@@ -51,14 +51,15 @@ def process(
 ) -> None:
     """Ingest, classify and summarise one case (and render its report)."""
     from chromobatch.registry.register import load_predictor
-    from chromobatch.service.pipeline import process_case
+    from chromobatch.service.pipeline import process_case, scan_input
     from chromobatch.store.db import connect
 
     cfg = settings(db=db, model=model, device=device, batch_size=batch_size,
                    reports_dir=str(reports) if reports else None)
     with connect(cfg.db) as database:
+        scanned = scan_input(database, case_dir, cfg)  # a bad folder fails before a model is loaded
         predictor = load_predictor(database, cfg)
-        result = process_case(database, case_dir, predictor=predictor, settings=cfg, force=force,
+        result = process_case(database, case_dir, predictor=predictor, settings=cfg, force=force, scanned=scanned,
                               reports_dir=Path(cfg.reports_dir))
     if result.status == "skipped":
         typer.echo(f"case {result.case_id}: skipped (already processed with this model; --force to redo), "

@@ -18,10 +18,10 @@ import numpy as np
 
 from chromobatch.config import Settings
 from chromobatch.errors import ChromobatchError
-from chromobatch.intake.scan import ScannedCase, scan_case
+from chromobatch.intake.scan import ScannedCase
 from chromobatch.ml.predict import Predictor
 from chromobatch.ml.preprocess import chromosome_length
-from chromobatch.service.pipeline import cut_metaphases
+from chromobatch.service.pipeline import scan_input
 from chromobatch.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,7 @@ def scan_and_prime(database: Database, folders: dict[int, Path], predictor: Pred
     groups: dict[int, tuple[Predictor, list[np.ndarray], list[float | None]]] = {}
     for key, folder in folders.items():
         try:
-            case = scan_case(Path(folder), polarity=settings.polarity, max_pixels=settings.max_image_pixels,
-                             input_kind=settings.input)
-            cut_metaphases(database, case, settings)
+            case = scan_input(database, Path(folder), settings)
         except (ChromobatchError, OSError) as exc:
             log.info("case folder %s is left to its own run (%s)", Path(folder).name, exc)
             continue

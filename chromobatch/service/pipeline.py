@@ -195,6 +195,16 @@ def default_segmenter(name: str) -> Segmenter:
     return segmenter
 
 
+def scan_input(database: Database, case_dir: Path, settings: Settings, segmenter: Segmenter | None = None
+               ) -> ScannedCase:
+    """A case folder read and checked (scan, then whole metaphases cut into crops), before any transaction;
+    what `process_case` takes as `scanned`. Callers that load a model check the input with it first."""
+    scanned = scan_case(Path(case_dir), polarity=settings.polarity, max_pixels=settings.max_image_pixels,
+                        input_kind=settings.input)
+    cut_metaphases(database, scanned, settings, segmenter)
+    return scanned
+
+
 def process_case(database: Database, case_dir: Path, *, predictor: Predictor, settings: Settings,
                  force: bool = False, job_id: int | None = None, job_worker: str | None = None,
                  reports_dir: Path | None = None, segmenter: Segmenter | None = None,
@@ -208,9 +218,7 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
     """
     t0 = time.perf_counter()
     if scanned is None:
-        scanned = scan_case(Path(case_dir), polarity=settings.polarity, max_pixels=settings.max_image_pixels,
-                            input_kind=settings.input)
-        cut_metaphases(database, scanned, settings, segmenter)
+        scanned = scan_input(database, case_dir, settings, segmenter)
     predictor = predictor.for_polarity(scanned.meta.get("polarity"))  # the model of the case's stain
     for file, reason in sorted(scanned.rejected.items()):
         log.warning("case %s: file not used: %s: %s", scanned.case_id, file, reason)
