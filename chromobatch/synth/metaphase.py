@@ -152,7 +152,7 @@ class _Canvas:
         self.h, self.w, self.edge = h, w, edge
         self.count = np.zeros((h, w), dtype=np.uint8)
         self.owner = np.zeros((h, w), dtype=np.int32)
-        self.density = np.zeros((h, w), dtype=np.float64)
+        self.density = np.zeros((h, w), dtype=np.float32)
         self.boxes: list[tuple[int, int, int, int]] = []
         self.masks: list[np.ndarray] = []
         self.overlapping: list[bool] = []  # running estimates that steer the placement (final: _contacts)
@@ -230,7 +230,8 @@ def _place_against(canvas: _Canvas, piece: _Piece, rng: np.random.Generator, kin
         tx, ty = (bx0 + bx1) / 2, (by0 + by1) / 2
         phi = rng.uniform(0, 2 * math.pi)
         d = math.hypot(bx1 - bx0, by1 - by0) / 2 + math.hypot(mw, mh) / 2 + 2
-        extra = int(rng.integers(2, max(3, min(mh, mw) // 2 + 2))) if kind == "overlap" else 0
+        # overlap: push on past the first contact, from a tip resting on the other to a full crossing
+        extra = int(rng.integers(2, max(3, max(mh, mw) // 2 + 2))) if kind == "overlap" else 0
         contact = False
         past = 0  # steps taken since the first contact
         while d > 0:
@@ -314,31 +315,46 @@ def _draw_optics(rng: np.random.Generator, stain: str, imaging: Imaging) -> _Opt
 
 
 def _illumination(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A smooth field around 1: a linear gradient, vignetting and faint low-frequency unevenness."""
-    xn = (np.arange(w, dtype=np.float32) / w - 0.5)[None, :]
-    yn = (np.arange(h, dtype=np.float32) / h - 0.5)[:, None]
-    gx, gy = rng.normal(0, 0.08, 2)
-    cx, cy = rng.normal(0, 0.15, 2)
-    vignette = rng.uniform(0.0, 0.18)
-    field_ = 1 + gx * xn + gy * yn - vignette * ((xn - cx) ** 2 + (yn - cy) ** 2)
-    for _ in range(3):  # faint low-frequency unevenness: a few long waves
+    """A smooth field around 1: a linear gradient, vignetting and faint low-frequency unevenness.
+
+    Every term is a sum or product of a function of x and one of y, so it is built from 1-D vectors.
+    """
+    f32 = np.float32
+    xn = np.arange(w, dtype=f32) / f32(w) - f32(0.5)
+    yn = np.arange(h, dtype=f32) / f32(h) - f32(0.5)
+    gx, gy = (f32(v) for v in rng.normal(0, 0.08, 2))
+    cx, cy = (f32(v) for v in rng.normal(0, 0.15, 2))
+    vignette = f32(rng.uniform(0.0, 0.18))
+    fx = gx * xn - vignette * (xn - cx) ** 2
+    fy = f32(1) + gy * yn - vignette * (yn - cy) ** 2
+    field_ = fy[:, None] + fx[None, :]
+    for _ in range(3):  # faint low-frequency unevenness: a few long waves, cos(a + b) = cos a cos b - sin a sin b
         kx, ky = rng.normal(0, 1.2, 2)
-        field_ = field_ + rng.uniform(0, 0.006) * np.cos(2 * np.pi * (kx * xn + ky * yn) + rng.uniform(0, 6.3))
-    return np.clip(field_, 0.5, 1.5).astype(np.float32)
+        amp, phase = f32(rng.uniform(0, 0.006)), rng.uniform(0, 6.3)
+        a = (2 * np.pi * kx * xn + phase).astype(f32)
+        b = (2 * np.pi * ky * yn).astype(f32)
+        field_ += amp * (np.cos(b)[:, None] * np.cos(a)[None, :] - np.sin(b)[:, None] * np.sin(a)[None, :])
+    return np.clip(field_, f32(0.5), f32(1.5))
 
 
 def _expose(density: np.ndarray, optics: _Optics, rng: np.random.Generator) -> np.ndarray:
     """Stain density (H, W) to the camera's uint8 image in the stain's own polarity."""
     h, w = density.shape
+    f32 = np.float32
     light = _illumination(rng, h, w)
+    density = density.astype(f32, copy=False)
     if optics.stain == "G":  # transmitted light: absorbance adds up, overlaps are darker
-        img = optics.level * light * np.exp(-optics.contrast * density)
+        img = f32(optics.level) * light * np.exp(f32(-optics.contrast) * density)
     else:  # fluorescence: emission adds up, overlaps are brighter; the background offset is uneven too
-        img = optics.level * (2 - light) + optics.contrast * light * density
-    img = ndimage.gaussian_filter(img.astype(np.float32), optics.blur, mode="nearest")
-    shot = np.sqrt(np.maximum(img, 0.0) / 255.0)  # photon noise grows with the signal
-    img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(optics.noise) * (0.4 + 0.6 * shot)
-    img = 255.0 * (np.clip(img, 0.0, 255.0) / 255.0) ** optics.gamma
+        img = f32(optics.level) * (f32(2) - light) + f32(optics.contrast) * light * density
+    img = ndimage.gaussian_filter(img, optics.blur, mode="nearest")
+    shot = np.sqrt(np.maximum(img, f32(0)) * f32(1 / 255))  # photon noise grows with the signal
+    noise = rng.standard_normal(img.shape, dtype=f32)
+    noise *= f32(optics.noise) * (f32(0.4) + f32(0.6) * shot)
+    img += noise
+    np.clip(img, f32(0), f32(255), out=img)
+    if optics.gamma != 1.0:
+        img = f32(255) * (img * f32(1 / 255)) ** f32(optics.gamma)
     return np.round(img).astype(np.uint8)
 
 
