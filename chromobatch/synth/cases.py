@@ -18,6 +18,7 @@ import logging
 import re
 import shutil
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,7 @@ def generate_case(
     monochrome1: float | None = None,
     metaphase: str | None = None,
     metaphase_options: dict[str, Any] | None = None,
+    negatives: Sequence[str] = (),
 ) -> Path:
     """Write one synthetic case folder ``out_dir/case_id`` and return it.
 
@@ -147,13 +149,24 @@ def generate_case(
     ``metaphase`` (flat or folder, see METAPHASE_LAYOUTS) writes one whole metaphase per cell instead of
     crops, and no labels.csv: truth.json (a sidecar the scanner ignores) holds each cell's file, count and
     classes. ``metaphase_options`` go to synth.metaphase.render_metaphase (overlap_rate, touch_rate,
-    crowding, scale, nuclei, debris). Same seed and case id -> same bytes.
+    crowding, scale, nuclei, debris). ``negatives`` (with ``metaphase``; blank, nucleus, karyogram: see
+    synth.metaphase.NEGATIVES) adds one image of each kind after the cells, laid out like them, for rejection
+    tests; truth.json lists them under "negatives" (not cells). Same seed and case id -> same bytes.
     """
     _check_common(cells, seed, style)
     if fmt not in FORMATS:
         raise ConfigError(f"format must be png or dicom, got {fmt!r}")
     if metaphase is not None and metaphase not in METAPHASE_LAYOUTS:
         raise ConfigError(f"metaphase layout must be flat or folder, got {metaphase!r}")
+    negatives = list(negatives)
+    if negatives:
+        from chromobatch.synth.metaphase import NEGATIVES
+
+        if metaphase is None:
+            raise ConfigError("negative images go with whole-metaphase cases (metaphase=flat|folder)")
+        unknown = sorted(set(negatives) - set(NEGATIVES))
+        if unknown:
+            raise ConfigError(f"unknown negative image kind(s) {unknown}; known: {', '.join(NEGATIVES)}")
     if metaphase == "folder" and fmt == "dicom":
         raise ConfigError("DICOM metaphases are written flat (one instance per cell); use --metaphase-layout flat")
     if not _CASE_ID.fullmatch(case_id):
@@ -180,12 +193,15 @@ def generate_case(
                 writer.writerow(["file", "label"])
                 writer.writerows(sorted(rows))
         else:
-            cell_truth = _write_metaphases(tmp, case_id, kts, fmt, seed, key, style, monochrome1, case_rng,
-                                           metaphase, dict(metaphase_options or {}))
+            cell_truth, negative_truth = _write_metaphases(tmp, case_id, kts, fmt, seed, key, style, monochrome1,
+                                                           case_rng, metaphase, dict(metaphase_options or {}),
+                                                           negatives)
         truth = {"case_id": case_id, "format": fmt, "style": style, "seed": seed,
                  "karyotype": case_karyotype(kts), "sex": patient_sex(kts), "cells": cell_truth}
         if metaphase is not None:
             truth["input"] = f"metaphase ({metaphase})"
+            if negatives:
+                truth["negatives"] = negative_truth
         (tmp / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
         _finish_folder(tmp, final)
     except BaseException:
@@ -212,34 +228,45 @@ def _study_tags(case_id: str, kts: list[str], seed: int, case_rng: np.random.Gen
 
 def _write_metaphases(tmp: Path, case_id: str, kts: list[str], fmt: str, seed: int, key: int, style: str,
                       monochrome1: float, case_rng: np.random.Generator, layout: str,
-                      options: dict[str, Any]) -> list[dict]:
-    """One whole metaphase per cell; returns each cell's truth (file, count, classes, contacts)."""
-    from chromobatch.synth.metaphase import render_metaphase
+                      options: dict[str, Any], negatives: list[str]) -> tuple[list[dict], list[dict]]:
+    """One whole metaphase per cell, then the negatives; returns each cell's truth (file, count, classes,
+    contacts) and each negative's (file, kind)."""
+    from chromobatch.synth.metaphase import NEGATIVES, render_metaphase
 
     study = _study_tags(case_id, kts, seed, case_rng) if fmt == "dicom" else {}
-    cell_truth: list[dict] = []
-    for ci, kt in enumerate(kts, start=1):
-        spread = render_metaphase(seeded_rng(seed, key, ci), karyotype=kt, stain=style, **options)
+
+    def write(ci: int, image: np.ndarray, what: str) -> tuple[str, str]:
         cell = f"cell{ci:02d}"
         if fmt == "png":
             name = f"{cell}.png" if layout == "flat" else f"{cell}/metaphase.png"
             if layout == "folder":
                 (tmp / cell).mkdir()
-            (tmp / name).write_bytes(encode_png(spread.image))
-        else:
-            cell = _uid(seed, case_id, "series", ci)
-            name = f"i{ci:04d}.dcm"
-            tags = dict(study, SeriesInstanceUID=cell, SeriesNumber=ci, InstanceNumber=1,
-                        SeriesDescription=f"Synthetic metaphase {ci}", SOPInstanceUID=_uid(seed, case_id, "sop", ci, 1),
-                        ContentDate=study["StudyDate"], SeriesDate=study["StudyDate"])
-            (tmp / name).write_bytes(_dicom_bytes(spread.image, tags, bool(case_rng.random() < monochrome1)))
+            (tmp / name).write_bytes(encode_png(image))
+            return cell, name
+        cell = _uid(seed, case_id, "series", ci)
+        name = f"i{ci:04d}.dcm"
+        tags = dict(study, SeriesInstanceUID=cell, SeriesNumber=ci, InstanceNumber=1,
+                    SeriesDescription=f"Synthetic {what} {ci}", SOPInstanceUID=_uid(seed, case_id, "sop", ci, 1),
+                    ContentDate=study["StudyDate"], SeriesDate=study["StudyDate"])
+        (tmp / name).write_bytes(_dicom_bytes(image, tags, bool(case_rng.random() < monochrome1)))
+        return cell, name
+
+    cell_truth: list[dict] = []
+    for ci, kt in enumerate(kts, start=1):
+        spread = render_metaphase(seeded_rng(seed, key, ci), karyotype=kt, stain=style, **options)
+        cell, name = write(ci, spread.image, "metaphase")
         cell_truth.append({
             "cell": cell, "file": name, "karyotype": kt, "count": spread.count,
             "classes": sorted(spread.classes, key=CLASSES.index),
             "overlapping": int(sum(spread.overlapping)), "touching": int(sum(spread.touching)),
             "nuclei": int(spread.info["nuclei"]), "resolution": int(spread.info["resolution"]),
             "condensation": float(spread.info["condensation"]), "scale": float(spread.info["scale"])})
-    return cell_truth
+    negative_truth: list[dict] = []
+    for j, kind in enumerate(negatives, start=len(kts) + 1):
+        image = NEGATIVES[kind](seeded_rng(seed, key, j), stain=style)
+        cell, name = write(j, image, kind.replace("_", " "))
+        negative_truth.append({"cell": cell, "file": name, "kind": kind, "expect": "rejected"})
+    return cell_truth, negative_truth
 
 
 def _write_cells(tmp: Path, case_id: str, kts: list[str], fmt: str, seed: int, key: int, style: str,
@@ -301,10 +328,12 @@ def generate_cases(
     seed: int = 0,
     style: str = "G",
     metaphase: str | None = None,
+    negatives: Sequence[str] = (),
 ) -> list[Path]:
     """Write ``cases`` case folders SYN0001... of ``cells`` cells; round(abnormal_rate*cases) are abnormal
     (trisomies, sex-chromosome aneuploidies, a quarter of them mosaics). ``metaphase`` (flat or folder):
-    one whole metaphase image per cell instead of crops (see generate_case). Returns the case folders."""
+    one whole metaphase image per cell instead of crops, plus ``negatives`` (see generate_case). Returns the
+    case folders."""
     _check_common(cells, seed, style)
     if not isinstance(cases, int) or cases < 1:
         raise ConfigError(f"cases must be a positive integer, got {cases!r}")
@@ -316,7 +345,7 @@ def generate_cases(
     paths = []
     for i, kts in enumerate(plan, start=1):
         paths.append(generate_case(Path(out_dir), f"SYN{i:04d}", cells=cells, fmt=fmt, karyotype=kts,
-                                   seed=seed, style=style, metaphase=metaphase))
+                                   seed=seed, style=style, metaphase=metaphase, negatives=negatives))
     log.info("wrote %d synthetic %s-band cases (%s) to %s", cases, style,
              f"whole metaphases, {metaphase}" if metaphase else fmt, out_dir)
     return paths

@@ -20,6 +20,7 @@ All randomness comes from the ``rng`` passed in: the same seed gives the same im
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -668,6 +669,11 @@ def render_karyogram_sheet(rng: np.random.Generator, *, stain: str = "G", size: 
     oy, ox = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
     density[oy:oy + small.shape[0], ox:ox + small.shape[1]] = small
     return _expose(density, _sheet_optics(rng, stain), rng)
+
+
+#: The negatives by name, as case folders and tests ask for them: (rng, *, stain) -> uint8 image.
+NEGATIVES: dict[str, Callable[..., np.ndarray]] = {
+    "blank": render_blank_field, "nucleus": render_nucleus_only, "karyogram": render_karyogram_sheet}
 
 
 # ------------------------------------------------------------------------------------------ training sets

@@ -320,6 +320,24 @@ def test_metaphase_case_layouts_and_truth(tmp_path: Path, layout: str, fmt: str)
     assert all((case / f).read_bytes() == (again / f).read_bytes() for f in files)
 
 
+def test_metaphase_case_with_negatives(tmp_path: Path) -> None:
+    from chromobatch.synth.cases import generate_case
+
+    case = generate_case(tmp_path, "NEG1", cells=2, fmt="png", karyotype="46,XY", seed=2, metaphase="flat",
+                         negatives=["blank", "karyogram", "nucleus"])
+    truth = json.loads((case / "truth.json").read_text())
+    assert [c["file"] for c in truth["cells"]] == ["cell01.png", "cell02.png"]
+    assert [(n["file"], n["kind"], n["expect"]) for n in truth["negatives"]] == [
+        ("cell03.png", "blank", "rejected"), ("cell04.png", "karyogram", "rejected"),
+        ("cell05.png", "nucleus", "rejected")]
+    assert sorted(p.name for p in case.iterdir()) == [f"cell0{i}.png" for i in range(1, 6)] + ["truth.json"]
+    with pytest.raises(ConfigError, match="unknown negative"):
+        generate_case(tmp_path, "NEG2", cells=1, fmt="png", karyotype="46,XY", seed=2, metaphase="flat",
+                      negatives=["cat"])
+    with pytest.raises(ConfigError, match="whole-metaphase"):
+        generate_case(tmp_path, "NEG3", cells=1, fmt="png", karyotype="46,XY", seed=2, negatives=["blank"])
+
+
 def test_metaphase_case_errors(tmp_path: Path) -> None:
     from chromobatch.synth.cases import generate_case
 
@@ -337,13 +355,14 @@ def test_cli_synth_metaphase(tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "chromobatch.cli", "synth", str(out), "--cases", "2", "--cells", "2", "--metaphase",
-           "--metaphase-layout", "folder", "--seed", "3"]
+           "--metaphase-layout", "folder", "--seed", "3", "--negatives", "blank,nucleus"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "whole metaphases, folder" in done.stdout and "counts" in done.stdout
     for case in ("SYN0001", "SYN0002"):
         truth = json.loads((out / case / "truth.json").read_text())
         assert [c["file"] for c in truth["cells"]] == ["cell01/metaphase.png", "cell02/metaphase.png"]
+        assert [n["file"] for n in truth["negatives"]] == ["cell03/metaphase.png", "cell04/metaphase.png"]
         assert f"counts {truth['cells'][0]['count']},{truth['cells'][1]['count']}" in done.stdout
     bad = subprocess.run([*cmd[:4], str(tmp_path / "x"), "--metaphase", "--metaphase-layout", "grid"],
                          capture_output=True, text=True, timeout=120)
