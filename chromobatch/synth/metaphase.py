@@ -74,7 +74,8 @@ class Metaphase:
     nuclei: np.ndarray  # bool (H, W): interphase nuclei (not chromosomes)
     debris: np.ndarray  # bool (H, W): specks and clouds of debris (not chromosomes)
     stain: str
-    karyotype: str | None
+    karyotype: str | None  # of the cell drawn; with partial frames the image may hold fewer chromosomes
+    truncated: list[bool] = field(default_factory=list)  # cut by the image edge (partial frames)
     info: dict[str, float | int | str] = field(default_factory=dict)
 
     @property
@@ -273,6 +274,27 @@ def _place_against(canvas: _Canvas, piece: _Piece, rng: np.random.Generator, kin
     return False
 
 
+def _cut_to_frame(canvas: _Canvas, pad: int, h: int, w: int, min_visible: int
+                  ) -> tuple[list[tuple[int, int, int, int]], list[np.ndarray], list[int], list[bool]]:
+    """The placed masks in frame coordinates, cut at its edges: (boxes, masks, kept piece indices, truncated)."""
+    boxes, masks, kept, truncated = [], [], [], []
+    for i, ((bx0, by0, bx1, by1), mk) in enumerate(zip(canvas.boxes, canvas.masks, strict=True)):
+        x0, y0, x1, y1 = bx0 - pad, by0 - pad, bx1 - pad, by1 - pad
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        if cx0 >= cx1 or cy0 >= cy1:
+            continue
+        part = mk[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+        if int(part.sum()) < min(min_visible, int(mk.sum())):
+            continue
+        ys, xs = np.nonzero(part)  # tighten the box to what is left
+        part = part[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        boxes.append((cx0 + int(xs.min()), cy0 + int(ys.min()), cx0 + int(xs.max()) + 1, cy0 + int(ys.max()) + 1))
+        masks.append(part)
+        kept.append(i)
+        truncated.append(int(part.sum()) < int(mk.sum()))
+    return boxes, masks, kept, truncated
+
+
 def _contacts(boxes: list[tuple[int, int, int, int]], masks: list[np.ndarray]) -> list[tuple[int, int, str]]:
     """Touching (8-adjacent, nothing shared) and overlapping (pixels shared) pairs, measured on the masks."""
     out = []
@@ -440,6 +462,8 @@ def render_metaphase(
     nuclei: int | None = None,
     debris: int | None = None,
     min_gap: int = 2,
+    partial: bool = False,
+    min_visible: int = 30,
 ) -> Metaphase:
     """One whole metaphase spread as a microscope delivers it, with exact instance masks.
 
@@ -452,7 +476,10 @@ def render_metaphase(
     ``overlap_rate`` and ``touch_rate`` are the fractions of chromosomes meant to overlap or touch another
     (each event involves two, so about rate x N / 2 events are placed; the flags on the result are measured).
     ``nuclei``/``debris`` are counts (None: drawn; 0-2 nuclei, 0-40 specks). Chromosomes stay ``min_gap``
-    px apart unless they touch or overlap on purpose, and always whole inside the frame.
+    px apart unless they touch or overlap on purpose, and whole inside the frame unless ``partial``: then
+    the frame holds part of a spread that runs over one edge (as some bioimlab-metaphase frames); chromosomes
+    cut by the edge are kept with the part inside and flagged ``truncated``, those with fewer than
+    ``min_visible`` px inside are left out of the truth (``info["drawn"]`` counts all drawn).
     """
     check_style(stain)
     w, h = _check_size(size)
@@ -495,11 +522,31 @@ def render_metaphase(
     area = sum(int(p.mask.sum()) for p in pieces)
     radius = math.sqrt(crowding * area / math.pi)
     aspect = rng.uniform(0.75, 1.0)
-    radii = [min(radius / math.sqrt(aspect), 0.48 * w), min(radius * math.sqrt(aspect), 0.48 * h)]
-    # the microscopist centres the cell, more or less
-    centre = (float(np.clip(w / 2 + rng.normal(0, 0.12 * w), min(radii[0], w / 2), max(w - radii[0], w / 2))),
-              float(np.clip(h / 2 + rng.normal(0, 0.12 * h), min(radii[1], h / 2), max(h - radii[1], h / 2))))
-    canvas = _Canvas(h, w, edge=2)
+    if partial:
+        # a frame that holds part of a spread: the spread runs over one edge; chromosomes are placed on a
+        # canvas padded by the largest one, then cut at the frame (those left with < min_visible px dropped)
+        pad = max(max(p.mask.shape) for p in pieces) + 8
+        radii = [radius / math.sqrt(aspect), radius * math.sqrt(aspect)]
+        side = int(rng.integers(4))
+        inward = float(rng.uniform(-0.4, 0.6))  # centre's distance inside the edge, in spread radii
+        cx = pad + float(rng.uniform(0.2, 0.8)) * w
+        cy = pad + float(rng.uniform(0.2, 0.8)) * h
+        if side == 0:
+            cx = pad + inward * radii[0]
+        elif side == 1:
+            cx = pad + w - inward * radii[0]
+        elif side == 2:
+            cy = pad + inward * radii[1]
+        else:
+            cy = pad + h - inward * radii[1]
+        centre = (cx, cy)
+    else:
+        pad = 0
+        radii = [min(radius / math.sqrt(aspect), 0.48 * w), min(radius * math.sqrt(aspect), 0.48 * h)]
+        # the microscopist centres the cell, more or less
+        centre = (float(np.clip(w / 2 + rng.normal(0, 0.12 * w), min(radii[0], w / 2), max(w - radii[0], w / 2))),
+                  float(np.clip(h / 2 + rng.normal(0, 0.12 * h), min(radii[1], h / 2), max(h - radii[1], h / 2))))
+    canvas = _Canvas(h + 2 * pad, w + 2 * pad, edge=2)
     for i, piece in enumerate(pieces):
         # Steer towards the rates asked for: the shortfall of flagged chromosomes (an event flags two).
         want_o = min(max(overlap_rate * (i + 2) - sum(canvas.overlapping), 0.0), 1.0)
@@ -514,8 +561,16 @@ def render_metaphase(
             raise ConfigError(f"{len(pieces)} chromosomes at scale {scale:.2f} do not fit in a {w} x {h} image",
                               hint="Use a larger size, a smaller scale or a lower crowding.")
 
-    density = canvas.density.copy()
-    chromosomes = canvas.count > 0
+    frame = (slice(pad, pad + h), slice(pad, pad + w))
+    density = canvas.density[frame].copy()
+    chromosomes = canvas.count[frame] > 0
+    boxes, masks, kept, truncated = _cut_to_frame(canvas, pad, h, w, min_visible)
+    classes = [pieces[i].label for i in kept]
+    label_map = np.zeros((h, w), dtype=np.int32)
+    coverage = np.zeros((h, w), dtype=np.uint8)
+    for k, ((x0, y0, x1, y1), mk) in enumerate(zip(boxes, masks, strict=True), start=1):
+        label_map[y0:y1, x0:x1][mk] = k  # drawn in order: the last one is on top
+        coverage[y0:y1, x0:x1] += mk
     nucleus_mask = np.zeros((h, w), dtype=bool)
     n_nuclei = int(rng.choice([0, 1, 2], p=[0.4, 0.45, 0.15])) if nuclei is None else int(nuclei)
     placed_nuclei = 0
@@ -528,20 +583,20 @@ def render_metaphase(
                margin=3, allow_partial=False)
     image = _expose(density, optics, rng)
 
-    contacts = _contacts(canvas.boxes, canvas.masks)
-    n = len(canvas.boxes)
+    contacts = _contacts(boxes, masks)
+    n = len(boxes)
     overlapping = [False] * n
     touching = [False] * n
     for a, b, kind in contacts:
         flags = overlapping if kind == "overlap" else touching
         flags[a - 1] = flags[b - 1] = True
     return Metaphase(
-        image=image, labels=canvas.owner, classes=[p.label for p in pieces], boxes=canvas.boxes,
-        masks=canvas.masks, overlapping=overlapping, touching=touching, contacts=contacts,
-        overlap=canvas.count > 1, nuclei=nucleus_mask, debris=debris_mask, stain=stain, karyotype=karyotype,
+        image=image, labels=label_map, classes=classes, boxes=boxes, masks=masks, overlapping=overlapping,
+        touching=touching, contacts=contacts, overlap=coverage > 1, nuclei=nucleus_mask, debris=debris_mask,
+        stain=stain, karyotype=karyotype, truncated=truncated,
         info={"resolution": resolution, "condensation": round(condensation, 4), "scale": round(scale, 4),
               "crowding": round(crowding, 3), "nuclei": placed_nuclei, "blur": round(optics.blur, 3),
-              "noise": round(optics.noise, 3)})
+              "noise": round(optics.noise, 3), "drawn": len(pieces)})
 
 
 # ------------------------------------------------------------------------------------------ negatives
@@ -701,7 +756,8 @@ def write_segmentation_set(out_dir: Path, n: int, stain: str, rng: np.random.Gen
         OUT/manifest.csv        image,annotation,labels,masks,stain,instances,overlapping,touching,nuclei,split
         OUT/images/<name>.png   the metaphase, 8-bit greyscale, in the stain's own polarity (Q bright on dark)
         OUT/annotations/<name>.json  labelme 4.5-style: one polygon per chromosome, label "chr" (as
-                                the real set), plus "class" (1..22, X, Y), "overlapping" and "touching"
+                                the real set), plus "class" (1..22, X, Y), "overlapping", "touching" and
+                                "truncated" (cut by the frame's edge)
         OUT/labels/<name>.png   uint16 label map: 0 background, k = chromosome k; a pixel two chromosomes
                                 share carries the one on top (drawn last); nuclei and debris are 0
         OUT/masks/<name>.npz    exact masks: "masks" (N, H, ceil(W/8)) uint8 = np.packbits of the (N, H, W)
@@ -712,7 +768,9 @@ def write_segmentation_set(out_dir: Path, n: int, stain: str, rng: np.random.Gen
 
     ``stain`` is G, Q or GQ (alternating, for a mixed set). Each image draws its own cell (46,XX or 46,XY,
     now and then an aneuploid one or a spread that lost a few chromosomes), scale, crowding and rates of
-    touching (0.05-0.3) and overlapping (0.02-0.2) chromosomes. ``split`` is train or val (by image).
+    touching (0.05-0.3) and overlapping (0.02-0.2) chromosomes; 15% are partial frames (the spread runs over
+    an edge; chromosomes cut by it keep their inside part, "truncated" in the annotation). ``split`` is train
+    or val (by image).
     """
     import csv
     import json
@@ -745,7 +803,7 @@ def write_segmentation_set(out_dir: Path, n: int, stain: str, rng: np.random.Gen
             keep = child.permutation(len(cell))[:len(cell) - int(child.integers(1, 11))]
             cell = [cell[j] for j in sorted(keep)]
         m = render_metaphase(child, labels=cell, stain=st, size=size, overlap_rate=float(child.uniform(0.02, 0.2)),
-                             touch_rate=float(child.uniform(0.05, 0.3)))
+                             touch_rate=float(child.uniform(0.05, 0.3)), partial=bool(child.random() < 0.15))
         name = f"syn_{st}_{i + 1:05d}"
         h, w = m.shape
         (out_dir / "images" / f"{name}.png").write_bytes(encode_png(m.image))
@@ -755,8 +813,9 @@ def write_segmentation_set(out_dir: Path, n: int, stain: str, rng: np.random.Gen
                             overlapping=np.array(m.overlapping), touching=np.array(m.touching),
                             nuclei=np.packbits(m.nuclei, axis=-1), debris=np.packbits(m.debris, axis=-1))
         shapes: list[dict[str, object]] = [{"label": "chr", "points": mask_polygon(mk, (b[0], b[1])), "group_id": None,
-                   "shape_type": "polygon", "flags": {}, "class": c, "overlapping": o, "touching": t}
-                  for mk, b, c, o, t in zip(m.masks, m.boxes, m.classes, m.overlapping, m.touching, strict=True)]
+                   "shape_type": "polygon", "flags": {}, "class": c, "overlapping": o, "touching": t, "truncated": tr}
+                  for mk, b, c, o, t, tr in zip(m.masks, m.boxes, m.classes, m.overlapping, m.touching, m.truncated,
+                                                strict=True)]
         doc = {"version": "4.5.7", "flags": {}, "shapes": shapes, "imagePath": f"../images/{name}.png",
                "imageData": None, "imageHeight": h, "imageWidth": w,
                "synthetic": {"stain": st, "karyotype": kt, **m.info}}

@@ -394,3 +394,21 @@ def test_docs_figure(tmp_path: Path) -> None:
     with Image.open(path) as im:
         assert im.size[0] > 2.5 * im.size[1]  # three panels side by side
         assert np.asarray(im.convert("L")).std() > 10
+
+
+def test_partial_frames_cut_chromosomes_at_the_edge() -> None:
+    counts = []
+    for seed in range(4):
+        m = render_metaphase(seeded_rng(seed, 31), stain="Q", partial=True)
+        counts.append((m.count, int(m.info["drawn"])))
+        assert len(m.truncated) == m.count == len(m.masks)
+        full = m.full_masks()
+        for k in range(1, m.count + 1):
+            assert full[k - 1][m.labels == k].all() and m.masks[k - 1].sum() >= 30
+            on_edge = full[k - 1][0].any() or full[k - 1][-1].any() or full[k - 1][:, 0].any() \
+                or full[k - 1][:, -1].any()
+            if m.truncated[k - 1]:
+                assert on_edge  # only the frame's edge cuts a chromosome
+        assert np.array_equal(m.labels > 0, full.any(axis=0))
+    assert all(c <= d for c, d in counts) and any(c < d for c, d in counts)
+    assert any(any(render_metaphase(seeded_rng(s, 31), stain="Q", partial=True).truncated) for s in range(2))
