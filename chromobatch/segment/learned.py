@@ -45,6 +45,10 @@ POSTPROCESS = {"fg_threshold": 0.5, "core_threshold": 0.5, "min_seed": 6, "min_a
                "cluster_factor": 2.5}
 
 
+#: An image is resized only when its chromosomes are this much wider or narrower than in training.
+SCALE_TOLERANCE = 1.4
+
+
 def sha256_file(path: Path) -> str:
     """The weights' checksum (hashlib here: importing ml.folders would pull in timm, seconds of start-up)."""
     h = hashlib.sha256()
@@ -121,7 +125,9 @@ class LearnedSegmenter:
         if width is None:
             return 1.0
         factor = float(ref) / width
-        return 1.0 if 0.8 <= factor <= 1.25 else factor
+        # the network saw chromosomes at 0.75-1.35x their width in training, and a single image's estimate
+        # is rough (+-20%, a nucleus narrows Otsu's foreground): only a clearly other magnification is resized
+        return 1.0 if 1 / SCALE_TOLERANCE <= factor <= SCALE_TOLERANCE else factor
 
     @torch.no_grad()
     def probabilities(self, grey: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from chromobatch.segment.base import Instance
 from chromobatch.segment.data import Annotated, load_set
 from chromobatch.segment.learned import POSTPROCESS, LearnedSegmenter, save_segmenter
 from chromobatch.segment.metrics import SetScore, score_image
-from chromobatch.segment.objects import stroke_width
+from chromobatch.segment.objects import otsu_foreground, stroke_width
 from chromobatch.segment.unet import UNet
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,14 @@ def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 1).astype(np.float32)
 
 
+def reference_width(items: list[Annotated]) -> float | None:
+    """The chromosome width the network is trained at, measured the way `LearnedSegmenter.scale_for`
+    measures a new image (Otsu foreground, not the annotation, whose outlines are drawn wider), so that
+    an image like the training ones is left at its scale."""
+    widths = [w for w in (stroke_width(otsu_foreground(a.grey)) for a in items) if w]
+    return float(np.median(widths)) if widths else None
+
+
 def loss_fn(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """BCE + soft Dice on both maps (Dice keeps the thin cores from being swamped by background)."""
     bce = F.binary_cross_entropy_with_logits(logits, t)
@@ -201,8 +209,7 @@ def train_segmenter(data: Path, out: Path, cfg: SegTrainConfig,
             share = cfg.synth_weight / (1 - cfg.synth_weight)
             weights = np.concatenate([weights, np.full(len(synth), share * len(train) / len(synth))])
     sampler = CropSampler(train + synth, cfg, rng, weights)
-    widths = [w for w in (stroke_width(t[0].astype(bool)) for t in sampler.targets[: len(train)]) if w]
-    ref_width = float(np.median(widths)) if widths else None
+    ref_width = reference_width(train)
     net = UNet(cfg.channels)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = min(200, cfg.steps // 10)
