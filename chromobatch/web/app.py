@@ -5,6 +5,10 @@ POSTs) needs the session's CSRF token and, but for logging in and out, the revie
 database keys only, and the request log names method, path (no query string), status and user: case IDs may
 be patient identifiers and never reach a URL or a log line. Errors a user can act on (an unknown case, a bad
 label, a signed case) come back as a page or, to the page's script, as JSON with the message.
+
+Database work never runs on the event loop: GET routes are plain functions (FastAPI runs them in its thread
+pool) and POST routes hand theirs to the pool after reading the form, so one reviewer's sign-off (which renders
+the PDF) does not hold up another's page.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
 from chromobatch import CLASSES
@@ -120,7 +125,7 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
 
     async def posted(request: Request, *, edit: bool = True) -> tuple[UserInfo, Any]:
         """The signed-in user and the form of a state-changing request: CSRF token checked, role checked."""
-        user = viewer(request)
+        user = await run_in_threadpool(viewer, request)
         form = await request.form()
         presented = request.headers.get(CSRF_HEADER) or form.get(CSRF_FIELD)
         if not csrf_ok(request.session, presented if isinstance(presented, str) else None):
@@ -166,7 +171,7 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
     # signing in and out
 
     @app.get("/login", response_class=HTMLResponse)
-    async def login_page(request: Request) -> Response:
+    def login_page(request: Request) -> Response:
         return render(request, "login.html", None)
 
     @app.post("/login")
@@ -183,7 +188,7 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
             log.warning("login refused: too many failed attempts (client %s)", client)
             return render(request, "login.html", None, status=429,
                           error=f"too many failed sign-ins: try again in {int(wait // 60) + 1} minutes")
-        user = authenticate(database, name, password)
+        user = await run_in_threadpool(authenticate, database, name, password)
         if user is None:
             limiter.failed(name, client)
             log.warning("failed sign-in (client %s)", client)
@@ -215,40 +220,40 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
                       status_filter=q.get("status", ""), states=[s.value for s in ReviewState])
 
     @app.get("/", response_class=HTMLResponse)
-    async def case_list(request: Request) -> Response:
+    def case_list(request: Request) -> Response:
         return _list(request, viewer(request), "")
 
     @app.post("/search", response_class=HTMLResponse)
     async def search(request: Request) -> Response:
         """Search by case ID: a POST, so that the case ID never appears in a URL (or a proxy's log)."""
         user, form = await posted(request, edit=False)
-        return _list(request, user, str(form.get("q") or "")[:128])
+        return await run_in_threadpool(_list, request, user, str(form.get("q") or "")[:128])
 
     @app.get("/cases/{case_pk}", response_class=HTMLResponse)
-    async def case_page(request: Request, case_pk: int) -> Response:
+    def case_page(request: Request, case_pk: int) -> Response:
         user = viewer(request)
         return render(request, "case.html", user, page=pages.case_page(database, case_pk))
 
     @app.get("/cells/{cell_pk}", response_class=HTMLResponse)
-    async def cell_page(request: Request, cell_pk: int) -> Response:
+    def cell_page(request: Request, cell_pk: int) -> Response:
         user = viewer(request)
         return render(request, "cell.html", user, page=pages.cell_page(database, cell_pk))
 
     @app.get("/chromosomes/{chromosome_pk}/image.png")
-    async def chromosome_image(request: Request, chromosome_pk: int) -> Response:
+    def chromosome_image(request: Request, chromosome_pk: int) -> Response:
         viewer(request)
         png, etag = pages.thumbnail(database, chromosome_pk)
         return Response(png, media_type="image/png",
                         headers={"Cache-Control": "private, max-age=86400", "ETag": f'"{etag[:32]}"'})
 
     @app.get("/cells/{cell_pk}/metaphase.png")
-    async def metaphase(request: Request, cell_pk: int) -> Response:
+    def metaphase(request: Request, cell_pk: int) -> Response:
         viewer(request)
         return Response(pages.metaphase_png(database, cell_pk), media_type="image/png",
                         headers={"Cache-Control": "private, no-store"})
 
     @app.get("/cases/{case_pk}/report.pdf")
-    async def report(request: Request, case_pk: int) -> Response:
+    def report(request: Request, case_pk: int) -> Response:
         viewer(request)
         page = pages.case_page(database, case_pk)
         path = Path(page.report_path) if page.report_path else None
@@ -278,7 +283,7 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
             if k < len(seen):
                 text = str(seen[k]).strip()
                 seen_ids[pk] = int(text) if text.isdigit() else None
-        result = edits.set_labels(database, case_pk, user.name, wanted, seen_ids)
+        result = await run_in_threadpool(edits.set_labels, database, case_pk, user.name, wanted, seen_ids)
         payload = {"labels": [{"chromosome": r.change.number, "label": r.change.label, "label_id": r.label_id,
                                "changed": r.change.changed} for r in result.changes],
                    "conflict": result.message is not None}
@@ -288,34 +293,36 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
     async def not_chromosome(request: Request, chromosome_pk: int) -> Response:
         user, form = await posted(request)
         value = str(form.get("value", "true")).lower() in ("1", "true", "yes", "on")
-        edits.mark_not_chromosome(database, chromosome_pk, user.name, value)
-        return done(request, f"/cases/{edits.case_of_chromosome(database, chromosome_pk)}")
+        await run_in_threadpool(edits.mark_not_chromosome, database, chromosome_pk, user.name, value)
+        return done(request, f"/cases/{await run_in_threadpool(edits.case_of_chromosome, database, chromosome_pk)}")
 
     @app.post("/cells/{cell_pk}/role")
     async def cell_role(request: Request, cell_pk: int) -> Response:
         user, form = await posted(request)
-        edits.set_cell_role(database, cell_pk, user.name, str(form.get("role") or ""))
+        await run_in_threadpool(edits.set_cell_role, database, cell_pk, user.name, str(form.get("role") or ""))
         return done(request, f"/cells/{cell_pk}")
 
     @app.post("/cells/{cell_pk}/karyotype")
     async def cell_karyotype(request: Request, cell_pk: int) -> Response:
         user, form = await posted(request)
-        page = pages.cell_page_case(database, cell_pk)
-        edits.set_karyotype(database, page, user.name, str(form.get("karyotype") or ""), cell_pk=cell_pk)
+        case_pk = await run_in_threadpool(pages.cell_page_case, database, cell_pk)
+        await run_in_threadpool(lambda: edits.set_karyotype(database, case_pk, user.name,
+                                                            str(form.get("karyotype") or ""), cell_pk=cell_pk))
         return done(request, f"/cells/{cell_pk}")
 
     @app.post("/cases/{case_pk}/karyotype")
     async def case_karyotype(request: Request, case_pk: int) -> Response:
         user, form = await posted(request)
-        value = edits.set_karyotype(database, case_pk, user.name, str(form.get("karyotype") or ""))
+        value = await run_in_threadpool(edits.set_karyotype, database, case_pk, user.name,
+                                        str(form.get("karyotype") or ""))
         return done(request, f"/cases/{case_pk}", {"karyotype": value})
 
     @app.post("/cases/{case_pk}/signoff")
     async def sign_off(request: Request, case_pk: int) -> Response:
         user, form = await posted(request)
-        case_id = edits.sign_off(database, case_pk, user.name, str(form.get("karyotype") or ""),
-                                 str(form.get("comment") or ""))
-        pdf = edits.rerender_report(database, case_id, opts.reports_dir)
+        case_id = await run_in_threadpool(edits.sign_off, database, case_pk, user.name,
+                                          str(form.get("karyotype") or ""), str(form.get("comment") or ""))
+        pdf = await run_in_threadpool(edits.rerender_report, database, case_id, opts.reports_dir)
         message = "signed off; the report was rendered again" if pdf else \
             "signed off; the report could not be rendered now and will be tried again"
         return done(request, f"/cases/{case_pk}", {"report": pdf is not None}, message)
@@ -323,8 +330,9 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
     @app.post("/cases/{case_pk}/reopen")
     async def reopen(request: Request, case_pk: int) -> Response:
         user, form = await posted(request)
-        case_id = edits.reopen(database, case_pk, user.name, str(form.get("comment") or ""), admin=user.is_admin)
-        edits.rerender_report(database, case_id, opts.reports_dir)
+        case_id = await run_in_threadpool(lambda: edits.reopen(database, case_pk, user.name,
+                                                               str(form.get("comment") or ""), admin=user.is_admin))
+        await run_in_threadpool(edits.rerender_report, database, case_id, opts.reports_dir)
         return done(request, f"/cases/{case_pk}", None, "reopened: the case can be changed again")
 
     return app

@@ -359,3 +359,37 @@ def test_cell_view_places_chromosomes_where_the_pdf_does(web: SimpleNamespace) -
         shown = {t.pk: slot.name for row in page.rows for slot in row for t in slot.thumbs}
         shown.update({t.pk: "unclassified" for t in page.loose})
         assert shown == {p.chromosome_id: p.slot for p in pdf.placements}
+
+
+def test_two_reviewers_at_the_same_moment(web: SimpleNamespace, client: Any) -> None:
+    """Two reviewers relabelling the same chromosome from two threads at once: every change is a row, each
+    row chains onto the one before (no fork), nothing fails."""
+    import threading
+
+    chrom = next(iter(web.chroms))
+    users = {name: client(name) for name in ("alice", "bob")}
+    errors: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def work(name: str, label: str) -> None:
+        c = users[name]
+        barrier.wait()
+        for _ in range(8):
+            r = c.post(f"/cases/{web.case_pk}/labels", data={"chromosome": chrom, "label": label, "seen": ""},
+                       headers={**JSON, "X-CSRF-Token": c.csrf})
+            if r.status_code != 200:
+                errors.append(f"{name}: {r.status_code} {r.text}")
+
+    threads = [threading.Thread(target=work, args=(n, lab)) for n, lab in (("alice", "7"), ("bob", "9"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    with web.database.session() as s:
+        rows = s.query(db.Label).filter(db.Label.chromosome_id == chrom).order_by(db.Label.id).all()
+    reviewed = [r for r in rows if r.source == "reviewed"]
+    assert all(r.supersedes_id == prev.id for prev, r in zip(rows, rows[1:], strict=False))  # one chain
+    # a repeat of the same reviewed label is no new row; every switch between alice's and bob's is one
+    assert all(a.label != b.label for a, b in zip(reviewed, reviewed[1:], strict=False))
+    assert {r.reviewer for r in reviewed} <= {"alice", "bob"} and len(reviewed) >= 1
