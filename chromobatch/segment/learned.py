@@ -42,7 +42,7 @@ FORMAT = "chromobatch-segmenter"
 FORMAT_VERSION = 1
 #: Post-processing defaults (tuned on the validation split by `train`; model.json may override them).
 POSTPROCESS = {"fg_threshold": 0.5, "core_threshold": 0.5, "min_seed": 6, "min_area": 25,
-               "cluster_factor": 2.5}
+               "cluster_factor": 2.5, "merge_small": 0.0}
 
 
 #: An image is resized only when its chromosomes are this much wider or narrower than in training.
@@ -162,6 +162,8 @@ class LearnedSegmenter:
         if k:
             labels = np.where(orphans > 0, orphans + labels.max(), labels)
         labels, _, _ = _relabel(labels)
+        if float(p.get("merge_small", 0.0)) > 0:
+            labels, _, _ = _relabel(_merge_fragments(labels, float(p["merge_small"])))
         scores = _region_scores(labels, pfg, pcore)
         return regions_to_instances(labels, scores, min_area=int(p["min_area"]),
                                     cluster_factor=float(p["cluster_factor"]))
@@ -188,6 +190,40 @@ def _relabel(labels: np.ndarray) -> tuple[np.ndarray, Any, Any]:
     from skimage.segmentation import relabel_sequential
 
     return relabel_sequential(labels.astype(np.int32))
+
+
+def _merge_fragments(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """Regions smaller than `fraction` x the median region that touch another region are merged into the
+    neighbour they share the longest border with: a chromosome whose core broke in two (at a centromere,
+    a pale band) comes back whole instead of being counted twice."""
+    from scipy import ndimage as ndi
+
+    areas = np.bincount(labels.ravel())
+    if len(areas) <= 2:
+        return labels
+    median = float(np.median(areas[1:]))
+    small = [i for i in np.argsort(areas) if i > 0 and areas[i] < fraction * median]
+    if not small:
+        return labels
+    out = labels.copy()
+    slices = ndi.find_objects(labels)
+    h, w = labels.shape
+    for i in small:
+        sl = slices[i - 1]
+        if sl is None:
+            continue
+        ys = slice(max(0, sl[0].start - 1), min(h, sl[0].stop + 1))
+        xs = slice(max(0, sl[1].start - 1), min(w, sl[1].stop + 1))
+        region = out[ys, xs]
+        mine = region == i
+        if not mine.any():
+            continue
+        ring = ndi.binary_dilation(mine) & ~mine
+        neighbours = region[ring]
+        neighbours = neighbours[(neighbours > 0) & (neighbours != i)]
+        if len(neighbours):
+            region[mine] = np.bincount(neighbours).argmax()
+    return out
 
 
 def _region_scores(labels: np.ndarray, pfg: np.ndarray, pcore: np.ndarray) -> dict[int, float]:

@@ -99,3 +99,17 @@ def test_cores_split_touching_chromosomes() -> None:
     assert 45 <= found[0].box[2] <= 56 and found[0].box[2] == found[1].box[0]
     assert found[0].area + found[1].area == 800
     assert all(0.0 < i.score <= 1.0 for i in found)
+
+
+def test_small_fragments_merge_into_their_neighbour() -> None:
+    """A core broken off near a chromosome's end gives a small region; with merge_small it rejoins."""
+    probs = np.zeros((2, 80, 100), dtype=np.float32)
+    for y in (10, 35, 60):  # three bars of 10 x 80 px, each with one long core
+        probs[0, y : y + 10, 10:90] = 0.9
+        probs[1, y + 2 : y + 8, 12:80] = 0.9
+    probs[1, 12:18, 84:88] = 0.9  # a stray core at the first bar's end
+    plain = LearnedSegmenter(UNet((4, 8)), {"postprocess": {"min_area": 10, "min_seed": 3}})
+    assert len(plain.instances_from(probs)) == 4
+    merged = LearnedSegmenter(UNet((4, 8)), {"postprocess": {"min_area": 10, "min_seed": 3, "merge_small": 0.35}})
+    found = merged.instances_from(probs)
+    assert len(found) == 3 and sorted(i.area for i in found) == [800, 800, 800]
