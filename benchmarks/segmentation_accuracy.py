@@ -38,29 +38,30 @@ from chromobatch.segment.metrics import SetScore, iou_matrix, score_image  # noq
 GBAND_EXAMPLE = REPO.parent / "shared" / "data" / "metaphase-examples" / "iroh-A-gband.png"
 
 
-def run(name: str, items: list, threads: list[int]) -> dict:
-    out: dict = {"segmenter": name}
-    seg = load_segmenter(name, threads=threads[0])
-    preds = []
+def _timed(seg, items: list) -> tuple[list, dict[str, float]]:
+    preds, times, cpu = [], [], []
+    seg.segment(items[0].grey)  # warm-up
     for a in items:
+        t0, c0 = time.perf_counter(), time.process_time()
         preds.append(seg.segment(a.grey))
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return preds, {"median": float(np.median(times)), "mean": float(np.mean(times)),
+                   "cpu_median": float(np.median(cpu))}
+
+
+def run(name: str, items: list, threads: list[int]) -> dict:
+    """Score (and time) the segmenter with the first thread count; time it again with the others."""
+    out: dict = {"segmenter": name, "seconds": {}}
+    seg = load_segmenter(name, threads=threads[0])
+    preds, out["seconds"][threads[0]] = _timed(seg, items)
     s = SetScore([score_image(p, a.instances, a.name) for p, a in zip(preds, items, strict=True)])
     out["summary"] = s.summary()
     out["per_image"] = [{"name": i.name, "annotated": i.n_gt, "count": i.count, "tp": i.tp, "predicted": i.n_pred,
                          "f1": 2 * i.tp / max(1, i.n_pred + i.n_gt)} for i in s.images]
     out["label"] = f"{seg.name} {seg.version}"
-    out["seconds"] = {}
-    for t in threads:
-        seg = load_segmenter(name, threads=t)
-        seg.segment(items[0].grey)
-        times, cpu = [], []
-        for a in items:
-            t0, c0 = time.perf_counter(), time.process_time()
-            seg.segment(a.grey)
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        out["seconds"][t] = {"median": float(np.median(times)), "mean": float(np.mean(times)),
-                             "cpu_median": float(np.median(cpu))}
+    for t in threads[1:]:
+        out["seconds"][t] = _timed(load_segmenter(name, threads=t), items)[1]
     out["preds"] = preds
     return out
 

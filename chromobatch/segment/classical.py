@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from chromobatch.segment.base import Instance
-from chromobatch.segment.objects import CLUSTER_FACTOR, flag_clusters, stroke_width
+from chromobatch.segment.objects import CLUSTER_FACTOR, flag_clusters, is_nucleus, stroke_width
 
 
 @dataclass
@@ -84,8 +84,8 @@ class ClassicalSegmenter:
         p = self.params
         out = np.zeros(labels.shape, dtype=bool)
         for r in regionprops(labels):
-            if (r.axis_minor_length > p.nucleus_width * width and r.solidity > p.nucleus_solidity
-                    and r.area > p.nucleus_area * width * width):
+            if is_nucleus(r.image, width, min_width=p.nucleus_width, min_solidity=p.nucleus_solidity,
+                          min_area=p.nucleus_area):
                 y0, x0, y1, x1 = r.bbox
                 out[y0:y1, x0:x1] |= r.image
         return out

@@ -31,7 +31,13 @@ import chromobatch
 from chromobatch.errors import ModelError
 from chromobatch.files import atomic_write
 from chromobatch.segment.base import Instance
-from chromobatch.segment.objects import flag_clusters, otsu_foreground, regions_to_instances, stroke_width
+from chromobatch.segment.objects import (
+    flag_clusters,
+    is_nucleus,
+    otsu_foreground,
+    regions_to_instances,
+    stroke_width,
+)
 from chromobatch.segment.unet import UNet, pad_to_stride
 
 log = logging.getLogger(__name__)
@@ -165,8 +171,15 @@ class LearnedSegmenter:
         if float(p.get("merge_small", 0.0)) > 0:
             labels, _, _ = _relabel(_merge_fragments(labels, float(p["merge_small"])))
         scores = _region_scores(labels, pfg, pcore)
-        return regions_to_instances(labels, scores, min_area=int(p["min_area"]),
-                                    cluster_factor=float(p["cluster_factor"]))
+        found = regions_to_instances(labels, scores, min_area=int(p["min_area"]),
+                                     cluster_factor=float(p["cluster_factor"]))
+        width = float(self.meta.get("stroke_width") or 10.0)
+        kept = [i for i in found if i.cluster == 1 or not is_nucleus(i.mask, width)]
+        if len(kept) < len(found):  # a nucleus the network took for chromosomes: left out, clusters re-judged
+            for i in kept:
+                i.cluster, i.notes = 1, {}
+            flag_clusters(kept, float(p["cluster_factor"]))
+        return kept
 
     def segment(self, grey: np.ndarray) -> list[Instance]:
         if grey.ndim != 2 or grey.dtype != np.uint8:

@@ -38,6 +38,22 @@ def regions_to_instances(labels: np.ndarray, scores: dict[int, float] | None = N
     return out
 
 
+def is_nucleus(mask: np.ndarray, width: float, *, min_width: float = 3.0, min_solidity: float = 0.8,
+               min_area: float = 6.0) -> bool:
+    """An interphase nucleus rather than chromosomes: far wider than a chromosome (minor axis over
+    `min_width` x its width), compact (solidity over `min_solidity`) and large (over `min_area` x width^2).
+    A cluster of chromosomes is as large but ragged (low solidity) or thin somewhere."""
+    from skimage.measure import regionprops
+
+    if mask.sum() < min_area * width * width:
+        return False
+    props = regionprops(mask.astype(np.uint8))
+    if not props:
+        return False
+    r = props[0]
+    return bool(r.axis_minor_length > min_width * width and r.solidity > min_solidity)
+
+
 def flag_clusters(instances: list[Instance], cluster_factor: float = CLUSTER_FACTOR,
                   reference_area: float | None = None) -> None:
     """Mark instances far larger than the median chromosome as clusters of about N (in place)."""

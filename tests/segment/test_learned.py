@@ -113,3 +113,18 @@ def test_small_fragments_merge_into_their_neighbour() -> None:
     merged = LearnedSegmenter(UNet((4, 8)), {"postprocess": {"min_area": 10, "min_seed": 3, "merge_small": 0.35}})
     found = merged.instances_from(probs)
     assert len(found) == 3 and sorted(i.area for i in found) == [800, 800, 800]
+
+
+def test_nucleus_taken_for_foreground_is_left_out() -> None:
+    """Should the network mark an interphase nucleus as foreground, it is dropped, not counted as a cluster."""
+    from seg_drawing import disk
+
+    shape = (200, 300)
+    img, rods = _image(shape)
+    nucleus = disk(shape, (240, 150), 35)
+    img[nucleus] = 90
+    seg = LearnedSegmenter(DarkIsChromosome((4, 8)), {"stroke_width": 10.0, "postprocess": {"min_area": 10}},
+                           threads=1)
+    found = seg.segment(img)
+    assert len(found) == 3 and all(i.cluster == 1 for i in found)
+    assert not any((i.full_mask(shape) & nucleus).any() for i in found)
