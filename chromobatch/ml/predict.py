@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -43,6 +44,29 @@ class _Canvases(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.from_numpy(render(self.crops[i], self.spec, self.medians[i]))
+
+
+def _rendered_ahead(crops: Sequence[np.ndarray], medians: Sequence[float | None], model: LoadedModel,
+                    batch: int) -> Iterator[torch.Tensor]:
+    """uint8 canvas batches, the next one rendered in a thread while the caller runs the forward pass of this
+    one (the runtimes release the GIL while they compute), so a case of several batches preprocesses while
+    it classifies. (Splitting one cell's 46 crops into two batches for the same overlap gained nothing on a
+    loaded 2-core machine, docs/benchmarks.md, so a batch stays settings.batch_size.)"""
+    def render_batch(i: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack([render(c, model.spec, m) for c, m in
+                                          zip(crops[i:i + batch], medians[i:i + batch], strict=True)]))
+
+    starts = list(range(0, len(crops), batch))
+    if len(starts) == 1:
+        yield render_batch(0)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="render") as pool:
+        ahead = pool.submit(render_batch, starts[0])
+        for nxt in [*starts[1:], None]:
+            current = ahead.result()
+            if nxt is not None:
+                ahead = pool.submit(render_batch, nxt)
+            yield current
 
 
 class _Counted:
@@ -91,9 +115,13 @@ class Predictor:
 
     def _forward(self, crops: Sequence[np.ndarray], medians: Sequence[float | None]) -> np.ndarray:
         """Image probabilities (before the size prior) of crops, in batches through the model's engine."""
-        loader = DataLoader(_Canvases(crops, medians, self.model), batch_size=self.batch_size, shuffle=False,
-                            num_workers=self.loader_workers, pin_memory=self.model.device.type == "cuda")
-        probs, _ = forward_canvases(_Counted(self), loader, self.model.device, embeddings=False)
+        batches: Iterable[torch.Tensor]
+        if self.loader_workers > 0:
+            batches = DataLoader(_Canvases(crops, medians, self.model), batch_size=self.batch_size, shuffle=False,
+                                 num_workers=self.loader_workers, pin_memory=self.model.device.type == "cuda")
+        else:
+            batches = _rendered_ahead(crops, medians, self.model, self.batch_size)
+        probs, _ = forward_canvases(_Counted(self), batches, self.model.device, embeddings=False)
         return probs.numpy().astype(np.float32)
 
     def prime(self, crops: Sequence[np.ndarray], medians: Sequence[float | None] | None = None) -> int:

@@ -1,0 +1,171 @@
+"""Raw forward images/s for every runtime x precision this machine runs, and the pipeline with the auto choice.
+
+    .venv/bin/python benchmarks/runtimes.py [--model models/default] [--cases 4] [--cells 3] [--rounds 3]
+        [--no-watcher] [--profile] [--json out.json]
+
+In one run, on the same generated cases (synth, PNG files on disk):
+
+1. raw forward: the model on already preprocessed batches (batch 64), for torch fp32 and every other runtime
+   and precision available here (ml.runtime.candidates with bf16 forced on where the hardware has it),
+   rounds interleaved so a load change on a shared machine hits every combination alike; best round each;
+2. end to end: `process_case` (decode, normalise, preprocess, size prior, forward, assignment, commit) on
+   every case, with runtime = auto (what a watcher would pick here) and with runtime = torch (today's
+   default), interleaved the same way; chromosomes/s, with the time split by stage;
+3. unless --no-watcher: READY -> committed latency of one 46-chromosome cell through a real
+   `chromobatch watch` process with the auto choice, and that watcher's peak RSS (benchmarks/pipeline.py).
+
+The goal (issue 17): end to end >= 0.85 x the fastest raw forward of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common import cpu_name  # noqa: E402
+from pipeline import watcher_latency  # noqa: E402
+
+from chromobatch.config import load_settings  # noqa: E402
+from chromobatch.intake.scan import scan_case  # noqa: E402
+from chromobatch.ml import runtime as rt  # noqa: E402
+from chromobatch.ml.folders import load_model  # noqa: E402
+from chromobatch.ml.forward import forward_batch  # noqa: E402
+from chromobatch.ml.preprocess import render, to_tensor  # noqa: E402
+from chromobatch.registry.register import DEFAULT_MODEL_DIR, load_predictor  # noqa: E402
+from chromobatch.service.pipeline import process_case  # noqa: E402
+from chromobatch.store import db  # noqa: E402
+from chromobatch.synth.cases import generate_cases  # noqa: E402
+
+FLAGS_SHOWN = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+
+
+def raw_forward(model_dir: Path, cases: list[Path], batch: int, rounds: int, cache: Path) -> dict[str, float]:
+    lm = load_model(model_dir)
+    canvases = np.concatenate([np.stack([render(a.crop, lm.spec) for a in scan_case(c).accepted]) for c in cases])
+    batches = [to_tensor(torch.from_numpy(canvases[i:i + batch])).unsqueeze(1) for i in range(0, len(canvases), batch)]
+    n = len(canvases)
+    pairs = [("torch", "fp32")] + [(r, "fp32") for r in rt.installed_runtimes()[1:]]
+    if rt.native_bf16(lm.device):
+        pairs += [("torch", "bf16")] + [("openvino", "bf16")] * ("openvino" in rt.installed_runtimes())
+    engines = {f"{r} {p}": rt.build_engine(lm, r, p, cache) for r, p in pairs}
+    for e in engines.values():
+        forward_batch(e, batches[0], e.device)  # warm-up
+    best: dict[str, float] = defaultdict(lambda: float("inf"))
+    for _ in range(rounds):
+        for name, e in engines.items():
+            t = time.perf_counter()
+            for b in batches:
+                forward_batch(e, b, e.device)
+            best[name] = min(best[name], time.perf_counter() - t)
+    return {name: n / s for name, s in best.items()}
+
+
+def end_to_end(model_dir: Path, src: list[Path], work: Path, runtime: str, batch: int, cache: Path, tag: str,
+               profile: cProfile.Profile | None = None) -> tuple[float, dict[str, float], str]:
+    run = work / tag
+    cases = [Path(shutil.copytree(c, run / c.name)) for c in src]
+    database = db.connect(run / "cases.sqlite")
+    settings = load_settings({"model": str(model_dir), "batch_size": batch, "device": "cpu", "runtime": runtime,
+                              "cache_dir": str(cache)})
+    predictor = load_predictor(database, settings)
+    engine = predictor.model.runner
+    chosen = f"{getattr(engine, 'runtime', 'torch')} {getattr(engine, 'precision', 'fp32')}"
+    process_case(database, cases[0], predictor=predictor, settings=settings, force=True)  # warm-up
+    stages: dict[str, float] = defaultdict(float)
+    n = 0
+    if profile is not None:
+        profile.enable()
+    t = time.perf_counter()
+    for case in cases:
+        res = process_case(database, case, predictor=predictor, settings=settings, force=True)
+        n += res.n_chromosomes
+        for k, v in res.timings.items():
+            stages[k] += v
+    seconds = time.perf_counter() - t
+    if profile is not None:
+        profile.disable()
+    database.dispose()
+    return n / seconds, dict(stages), chosen
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    ap.add_argument("--cases", type=int, default=4)
+    ap.add_argument("--cells", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-watcher", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print where the auto pipeline spends its time")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        cache = work / "cache"
+        os.environ["CHROMOBATCH_CACHE_DIR"] = str(cache)  # the watcher below finds the same converted model
+        cases = generate_cases(work / "src", cases=args.cases, cells=args.cells, fmt="png", abnormal_rate=0.3, seed=7)
+        raw = raw_forward(args.model, cases, args.batch_size, args.rounds, cache)
+        e2e: dict[str, list[float]] = defaultdict(list)
+        stages: dict[str, dict[str, float]] = {}
+        chosen = {}
+        prof = cProfile.Profile() if args.profile else None
+        for r in range(args.rounds):
+            for runtime in ("auto", "torch"):
+                speed, st, chosen[runtime] = end_to_end(args.model, cases, work, runtime, args.batch_size, cache,
+                                                        f"{runtime}{r}", prof if runtime == "auto" else None)
+                e2e[runtime].append(speed)
+                if speed >= max(e2e[runtime]):
+                    stages[runtime] = st
+        fastest = max(raw, key=lambda k: raw[k])
+        result = {
+            "date": started, "machine": cpu_name(), "cores": os.cpu_count(),
+            "flags": sorted(rt.cpu_flags() & set(FLAGS_SHOWN)), "native_bf16": rt.native_bf16(torch.device("cpu")),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "model": str(args.model), "backbone": json.loads((args.model / "model.json").read_text())["backbone"],
+            "chromosomes": sum(len(scan_case(c).accepted) for c in cases), "batch_size": args.batch_size,
+            "raw_forward_per_s": {k: round(v, 1) for k, v in raw.items()},
+            "fastest_raw": fastest,
+            "auto_choice": chosen["auto"],
+            "pipeline_per_s": {k: round(max(v), 1) for k, v in e2e.items()},
+            "pipeline_stages_s": {k: {s: round(x, 2) for s, x in v.items()} for k, v in stages.items()},
+            "ratio_auto_pipeline_to_fastest_raw": round(max(e2e["auto"]) / raw[fastest], 3),
+            "ratio_torch_pipeline_to_torch_raw": round(max(e2e["torch"]) / raw["torch fp32"], 3),
+            "speedup_auto_over_torch_pipeline": round(max(e2e["auto"]) / max(e2e["torch"]), 2),
+        }
+        if not args.no_watcher:
+            (work / "watch").mkdir()
+            result.update(watcher_latency(args.model, work / "watch", "cpu"))
+        result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        result["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if prof is not None:
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
+        print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
