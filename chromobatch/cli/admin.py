@@ -77,13 +77,16 @@ def synth(
     negatives: Annotated[str, typer.Option(help="With --metaphase: also one image of each of these kinds per "
                                            "case, which must be rejected (comma-separated: blank, nucleus, "
                                            "karyogram).")] = "",
+    metaphase_image: Annotated[str, typer.Option(help="With --metaphase: png, png16, tif, tif16 or jpg.")]
+    = "png",
 ) -> None:
     """Write synthetic cases drawn from the GRCh38 ideogram, each with truth.json (and labels.csv for crops)."""
     from chromobatch.synth.cases import generate_cases
 
     paths = generate_cases(out, cases=cases, cells=cells, fmt=fmt, abnormal_rate=abnormal_rate, seed=seed,
                            style=style, metaphase=metaphase_layout if metaphase else None,
-                           negatives=[n.strip() for n in negatives.split(",") if n.strip()])
+                           negatives=[n.strip() for n in negatives.split(",") if n.strip()],
+                           metaphase_image=metaphase_image)
     for path in paths:
         truth = json.loads((path / "truth.json").read_text())
         counts = f"  counts {','.join(str(c['count']) for c in truth['cells'])}" if metaphase else ""

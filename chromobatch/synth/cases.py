@@ -43,6 +43,26 @@ FORMATS: tuple[str, ...] = ("png", "dicom")
 #: Whole-metaphase layouts: ``flat`` = CASE/cellNN.png (DICOM: one instance per cell), ``folder`` =
 #: CASE/cellNN/metaphase.png.
 METAPHASE_LAYOUTS: tuple[str, ...] = ("flat", "folder")
+#: File kinds a whole metaphase may be written as (PNG format): 8-bit PNG, 16-bit PNG, 8- or 16-bit TIFF, JPEG.
+METAPHASE_IMAGES: tuple[str, ...] = ("png", "png16", "tif", "tif16", "jpg")
+
+
+def metaphase_bytes(image: np.ndarray, kind: str) -> tuple[bytes, str]:
+    """A uint8 metaphase encoded as a scanner might deliver it: (bytes, file suffix). 16-bit kinds spread the
+    8-bit range over 16 bits (x 257), as a camera's 16-bit export of the same frame would."""
+    from PIL import Image
+
+    if kind not in METAPHASE_IMAGES:
+        raise ConfigError(f"metaphase image kind must be one of {', '.join(METAPHASE_IMAGES)}, got {kind!r}")
+    if kind == "png":
+        return encode_png(image), ".png"
+    pixels = image.astype(np.uint16) * 257 if kind.endswith("16") else image
+    buf = io.BytesIO()
+    if kind == "jpg":
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=92)
+        return buf.getvalue(), ".jpg"
+    Image.fromarray(pixels).save(buf, format="PNG" if kind.startswith("png") else "TIFF")
+    return buf.getvalue(), ".png" if kind.startswith("png") else ".tif"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 _CASE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
@@ -140,6 +160,7 @@ def generate_case(
     metaphase: str | None = None,
     metaphase_options: dict[str, Any] | None = None,
     negatives: Sequence[str] = (),
+    metaphase_image: str = "png",
 ) -> Path:
     """Write one synthetic case folder ``out_dir/case_id`` and return it.
 
@@ -151,7 +172,8 @@ def generate_case(
     classes. ``metaphase_options`` go to synth.metaphase.render_metaphase (overlap_rate, touch_rate,
     crowding, scale, nuclei, debris). ``negatives`` (with ``metaphase``; blank, nucleus, karyogram: see
     synth.metaphase.NEGATIVES) adds one image of each kind after the cells, laid out like them, for rejection
-    tests; truth.json lists them under "negatives" (not cells). Same seed and case id -> same bytes.
+    tests; truth.json lists them under "negatives" (not cells). ``metaphase_image`` (PNG format only): png,
+    png16, tif, tif16 or jpg (see METAPHASE_IMAGES). Same seed and case id -> same bytes.
     """
     _check_common(cells, seed, style)
     if fmt not in FORMATS:
@@ -167,6 +189,9 @@ def generate_case(
         unknown = sorted(set(negatives) - set(NEGATIVES))
         if unknown:
             raise ConfigError(f"unknown negative image kind(s) {unknown}; known: {', '.join(NEGATIVES)}")
+    if metaphase_image not in METAPHASE_IMAGES:
+        raise ConfigError(f"metaphase image kind must be one of {', '.join(METAPHASE_IMAGES)}, "
+                          f"got {metaphase_image!r}")
     if metaphase == "folder" and fmt == "dicom":
         raise ConfigError("DICOM metaphases are written flat (one instance per cell); use --metaphase-layout flat")
     if not _CASE_ID.fullmatch(case_id):
@@ -195,7 +220,7 @@ def generate_case(
         else:
             cell_truth, negative_truth = _write_metaphases(tmp, case_id, kts, fmt, seed, key, style, monochrome1,
                                                            case_rng, metaphase, dict(metaphase_options or {}),
-                                                           negatives)
+                                                           negatives, metaphase_image)
         truth = {"case_id": case_id, "format": fmt, "style": style, "seed": seed,
                  "karyotype": case_karyotype(kts), "sex": patient_sex(kts), "cells": cell_truth}
         if metaphase is not None:
@@ -228,7 +253,8 @@ def _study_tags(case_id: str, kts: list[str], seed: int, case_rng: np.random.Gen
 
 def _write_metaphases(tmp: Path, case_id: str, kts: list[str], fmt: str, seed: int, key: int, style: str,
                       monochrome1: float, case_rng: np.random.Generator, layout: str,
-                      options: dict[str, Any], negatives: list[str]) -> tuple[list[dict], list[dict]]:
+                      options: dict[str, Any], negatives: list[str], image_kind: str
+                      ) -> tuple[list[dict], list[dict]]:
     """One whole metaphase per cell, then the negatives; returns each cell's truth (file, count, classes,
     contacts) and each negative's (file, kind)."""
     from chromobatch.synth.metaphase import NEGATIVES, render_metaphase
@@ -238,10 +264,11 @@ def _write_metaphases(tmp: Path, case_id: str, kts: list[str], fmt: str, seed: i
     def write(ci: int, image: np.ndarray, what: str) -> tuple[str, str]:
         cell = f"cell{ci:02d}"
         if fmt == "png":
-            name = f"{cell}.png" if layout == "flat" else f"{cell}/metaphase.png"
+            data, suffix = metaphase_bytes(image, image_kind)
+            name = f"{cell}{suffix}" if layout == "flat" else f"{cell}/metaphase{suffix}"
             if layout == "folder":
                 (tmp / cell).mkdir()
-            (tmp / name).write_bytes(encode_png(image))
+            (tmp / name).write_bytes(data)
             return cell, name
         cell = _uid(seed, case_id, "series", ci)
         name = f"i{ci:04d}.dcm"
@@ -329,11 +356,12 @@ def generate_cases(
     style: str = "G",
     metaphase: str | None = None,
     negatives: Sequence[str] = (),
+    metaphase_image: str = "png",
 ) -> list[Path]:
     """Write ``cases`` case folders SYN0001... of ``cells`` cells; round(abnormal_rate*cases) are abnormal
     (trisomies, sex-chromosome aneuploidies, a quarter of them mosaics). ``metaphase`` (flat or folder):
-    one whole metaphase image per cell instead of crops, plus ``negatives`` (see generate_case). Returns the
-    case folders."""
+    one whole metaphase image per cell instead of crops, plus ``negatives``, as ``metaphase_image`` files (see
+    generate_case). Returns the case folders."""
     _check_common(cells, seed, style)
     if not isinstance(cases, int) or cases < 1:
         raise ConfigError(f"cases must be a positive integer, got {cases!r}")
@@ -345,7 +373,8 @@ def generate_cases(
     paths = []
     for i, kts in enumerate(plan, start=1):
         paths.append(generate_case(Path(out_dir), f"SYN{i:04d}", cells=cells, fmt=fmt, karyotype=kts,
-                                   seed=seed, style=style, metaphase=metaphase, negatives=negatives))
+                                   seed=seed, style=style, metaphase=metaphase, negatives=negatives,
+                                   metaphase_image=metaphase_image))
     log.info("wrote %d synthetic %s-band cases (%s) to %s", cases, style,
              f"whole metaphases, {metaphase}" if metaphase else fmt, out_dir)
     return paths

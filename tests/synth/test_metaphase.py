@@ -340,6 +340,30 @@ def test_metaphase_case_with_negatives(tmp_path: Path) -> None:
         generate_case(tmp_path, "NEG3", cells=1, fmt="png", karyotype="46,XY", seed=2, negatives=["blank"])
 
 
+@pytest.mark.parametrize("kind", ["png16", "tif", "tif16", "jpg"])
+def test_metaphase_image_kinds(tmp_path: Path, kind: str) -> None:
+    """8/16-bit PNG and TIFF and JPEG, as scanners deliver them; intake's decoder gets the same picture back."""
+    from PIL import Image
+
+    from chromobatch.intake.imaging import decode_grey
+    from chromobatch.synth.cases import generate_case
+
+    case = generate_case(tmp_path, "K1", cells=1, fmt="png", karyotype="46,XX", seed=4, metaphase="flat",
+                         metaphase_image=kind)
+    ref = generate_case(tmp_path / "ref", "K1", cells=1, fmt="png", karyotype="46,XX", seed=4, metaphase="flat")
+    name = json.loads((case / "truth.json").read_text())["cells"][0]["file"]
+    assert name == "cell01." + ("jpg" if kind == "jpg" else kind[:3])
+    with Image.open(case / name) as im:
+        assert im.mode == ("I;16" if kind.endswith("16") else "L")
+    original = decode_grey((ref / "cell01.png").read_bytes()).astype(int)
+    back = decode_grey((case / name).read_bytes()).astype(int)
+    # (intake stretches 16-bit images to their range, so compare the picture, not the grey levels)
+    assert np.corrcoef(back.ravel(), original.ravel())[0, 1] > 0.99
+    with pytest.raises(ConfigError, match="image kind"):
+        generate_case(tmp_path, "K2", cells=1, fmt="png", karyotype="46,XX", seed=4, metaphase="flat",
+                      metaphase_image="gif")
+
+
 def test_metaphase_case_errors(tmp_path: Path) -> None:
     from chromobatch.synth.cases import generate_case
 
