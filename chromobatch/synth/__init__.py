@@ -2,8 +2,10 @@
 demo, the tests and training experiments.
 
 `ideogram` (the vendored cytoband tables), `karyotypes` (the karyotypes a cell can have), `render` (one
-chromosome crop, one cell), `cases` (case folders in PNG or DICOM, training sets) and `montage` (all 24
-classes in one figure, for the docs).
+chromosome crop, one cell), `metaphase` (whole metaphase spreads with exact instance masks, the negatives a
+metaphase reader must reject, segmentation training sets), `cases` (case folders in PNG or DICOM, of crops
+or of whole metaphases; training sets) and `montage` (all 24 classes in one figure, a synthetic spread
+beside a real one, for the docs).
 
 May import: intake (imaging), ml, and the bottom.
 """
