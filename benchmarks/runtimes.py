@@ -15,6 +15,10 @@ In one run, on the same generated cases (synth, PNG files on disk):
    `chromobatch watch` process with the auto choice, and that watcher's peak RSS (benchmarks/pipeline.py).
 
 The goal (issue 17): end to end >= 0.85 x the fastest raw forward of the same run.
+
+--queue N [--device cuda] [--batch-cases 8]: instead, the GPU mode: N one-cell cases queued at once and taken
+by a watcher worker `batch-cases` at a time (one forward pass per group, each case committed on its own),
+chromosomes/s against the raw forward at the same batch size (goal on a GPU: >= 0.8).
 """
 
 from __future__ import annotations
@@ -106,6 +110,50 @@ def end_to_end(model_dir: Path, src: list[Path], work: Path, runtime: str, batch
     return n / seconds, dict(stages), chosen
 
 
+def queue_mode(model_dir: Path, work: Path, n_cases: int, device: str, batch: int, batch_cases: int,
+               cache: Path) -> dict[str, object]:
+    """A queue of small cases (one 46-chromosome cell each) through an in-process watcher worker that batches
+    `batch_cases` waiting cases per forward pass, against the raw forward at the same batch size."""
+    from chromobatch.service.casefolders import resolve_paths
+    from chromobatch.service.worker import Worker
+    from chromobatch.store import jobs
+
+    incoming = work / "queue" / "incoming"
+    incoming.mkdir(parents=True)
+    cases = generate_cases(incoming, cases=n_cases, cells=1, fmt="png", abnormal_rate=0.0, seed=11)
+    settings = load_settings({"model": str(model_dir), "device": device, "batch_size": batch, "cache_dir": str(cache),
+                              "batch_cases": batch_cases, "db": str(work / "queue" / "cases.sqlite")})
+    database = db.connect(settings.db)
+    worker = Worker(database, settings, resolve_paths(incoming, settings))
+    worker.load()
+    lm = worker.predictor.model
+    canvases = np.concatenate([np.stack([render(a.crop, lm.spec) for a in scan_case(c).accepted]) for c in cases])
+    n = len(canvases)
+    engine = lm.runner
+    batches = [to_tensor(torch.from_numpy(canvases[i:i + batch])).unsqueeze(1) for i in range(0, n, batch)]
+    forward_batch(engine, batches[0], lm.device)
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    t = time.perf_counter()
+    for b in batches:
+        forward_batch(engine, b, lm.device)
+    sync()
+    raw = n / (time.perf_counter() - t)
+    for c in cases:
+        jobs.enqueue(database, c)
+    calls = worker.predictor.forward_calls
+    t = time.perf_counter()
+    while worker.step():
+        pass
+    e2e = n / (time.perf_counter() - t)
+    with database.session() as s:
+        done = s.query(db.Case).filter_by(status="done").count()
+    database.dispose()
+    return {"queue_cases": n_cases, "queue_done": done, "queue_chromosomes": n, "queue_batch_cases": batch_cases,
+            "queue_forward_calls": worker.predictor.forward_calls - calls, "queue_raw_forward_per_s": round(raw, 1),
+            "queue_end_to_end_per_s": round(e2e, 1), "queue_ratio": round(e2e / raw, 3),
+            "queue_engine": f"{engine.runtime} {engine.precision}" if hasattr(engine, "runtime") else "torch"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
@@ -116,7 +164,21 @@ def main() -> None:
     ap.add_argument("--no-watcher", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print where the auto pipeline spends its time")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--queue", type=int, default=0, help="only the queue mode: this many one-cell cases")
+    ap.add_argument("--device", default="cpu", help="queue mode: cpu or cuda")
+    ap.add_argument("--batch-cases", type=int, default=8, help="queue mode: waiting cases per forward pass")
     args = ap.parse_args()
+    if args.queue:
+        torch.set_num_threads(os.cpu_count() or 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = queue_mode(args.model, Path(tmp), args.queue, args.device, args.batch_size, args.batch_cases,
+                             Path(tmp) / "cache")
+        out.update(date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), machine=cpu_name(), device=args.device,
+                   uptime=subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+        print(json.dumps(out, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2) + "\n")
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     load_before = os.getloadavg()
