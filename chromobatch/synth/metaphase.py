@@ -345,9 +345,9 @@ def _illumination(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     f32 = np.float32
     xn = np.arange(w, dtype=f32) / f32(w) - f32(0.5)
     yn = np.arange(h, dtype=f32) / f32(h) - f32(0.5)
-    gx, gy = (f32(v) for v in rng.normal(0, 0.08, 2))
+    gx, gy = (f32(v) for v in rng.normal(0, 0.05, 2))  # ~10% end to end at 2 sigma
     cx, cy = (f32(v) for v in rng.normal(0, 0.15, 2))
-    vignette = f32(rng.uniform(0.0, 0.18))
+    vignette = f32(rng.uniform(0.0, 0.12))
     fx = gx * xn - vignette * (xn - cx) ** 2
     fy = f32(1) + gy * yn - vignette * (yn - cy) ** 2
     field_ = fy[:, None] + fx[None, :]
@@ -513,7 +513,7 @@ def render_metaphase(
         raise ConfigError(f"crowding must be within 1..50, got {crowding!r}")
     imaging = draw_imaging(rng, stain)
     if stain == "G":  # whole slides show softer bands than karyogram crops (no contrast stretch per crop)
-        imaging = replace(imaging, base=float(rng.uniform(0.3, 0.65)))
+        imaging = replace(imaging, base=float(rng.uniform(0.3, 0.55)))
     optics = _draw_optics(rng, stain, imaging)
 
     order = rng.permutation(len(cell))
