@@ -77,6 +77,18 @@ class ClassicalSegmenter:
             fg &= img < threshold_local(img, p.local_block | 1, offset=0.02)
         return np.asarray(remove_small_objects(fg, max_size=p.min_area - 1))
 
+    def nuclei(self, grey: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Interphase nuclei (bool mask) and the chromosome width (px, None if unknown) of an image; the
+        learned segmenter uses both (to drop a nucleus its network marked, to choose its scale)."""
+        from scipy import ndimage as ndi
+
+        fg = self.foreground(grey)
+        width = stroke_width(fg)
+        labels, n = ndi.label(fg)
+        if n == 0:
+            return np.zeros(grey.shape, dtype=bool), width
+        return self._nucleus_mask(labels, width or 8.0), width
+
     def _nucleus_mask(self, labels: np.ndarray, width: float) -> np.ndarray:
         """Pixels of components that look like interphase nuclei: wide, compact and large."""
         from skimage.measure import regionprops

@@ -31,13 +31,7 @@ import chromobatch
 from chromobatch.errors import ModelError
 from chromobatch.files import atomic_write
 from chromobatch.segment.base import Instance
-from chromobatch.segment.objects import (
-    flag_clusters,
-    is_nucleus,
-    otsu_foreground,
-    regions_to_instances,
-    stroke_width,
-)
+from chromobatch.segment.objects import flag_clusters, is_nucleus, regions_to_instances
 from chromobatch.segment.unet import UNet, pad_to_stride
 
 log = logging.getLogger(__name__)
@@ -122,13 +116,11 @@ class LearnedSegmenter:
 
     # -- the steps, public so that training can tune the post-processing on cached network outputs --
 
-    def scale_for(self, grey: np.ndarray) -> float:
-        """Factor the image is resized by so its chromosomes are as wide as in training (1.0: as is)."""
+    def scale_for(self, width: float | None) -> float:
+        """Factor the image is resized by so its chromosomes are as wide as in training (1.0: as is), given
+        their width measured on the image (`ClassicalSegmenter.nuclei`, the way training measured its own)."""
         ref = self.meta.get("stroke_width")
-        if not ref:
-            return 1.0
-        width = stroke_width(otsu_foreground(grey))
-        if width is None:
+        if not ref or not width:
             return 1.0
         factor = float(ref) / width
         # the network saw chromosomes at 0.75-1.35x their width in training, and a single image's estimate
@@ -146,9 +138,10 @@ class LearnedSegmenter:
         out = torch.sigmoid(self.net(x))[0, :, :h, :w]
         return out.numpy()
 
-    def instances_from(self, probs: np.ndarray) -> list[Instance]:
+    def instances_from(self, probs: np.ndarray, nuclei: np.ndarray | None = None) -> list[Instance]:
         """Foreground + cores -> instances: seeds are the core components, watershed grows them over the
-        foreground; foreground components without any core become instances of their own."""
+        foreground; foreground components without any core become instances of their own. Regions lying
+        mostly on a nucleus (`nuclei`, found on the image by the classical rule) are left out."""
         from scipy import ndimage as ndi
         from skimage.morphology import remove_small_objects
         from skimage.segmentation import watershed
@@ -170,6 +163,8 @@ class LearnedSegmenter:
         labels, _, _ = _relabel(labels)
         if float(p.get("merge_small", 0.0)) > 0:
             labels, _, _ = _relabel(_merge_fragments(labels, float(p["merge_small"])))
+        if nuclei is not None and nuclei.any():
+            labels = _drop_on_nuclei(labels, nuclei)
         scores = _region_scores(labels, pfg, pcore)
         found = regions_to_instances(labels, scores, min_area=int(p["min_area"]),
                                      cluster_factor=float(p["cluster_factor"]))
@@ -184,18 +179,23 @@ class LearnedSegmenter:
     def segment(self, grey: np.ndarray) -> list[Instance]:
         if grey.ndim != 2 or grey.dtype != np.uint8:
             raise ValueError(f"segment wants a normalised uint8 (H, W) image, got {grey.dtype} {grey.shape}")
+        from chromobatch.segment.classical import ClassicalSegmenter
+
         t0 = time.perf_counter()
-        scale = self.scale_for(grey)
+        nuclei, width = ClassicalSegmenter().nuclei(grey)
+        scale = self.scale_for(width)
         work = grey if scale == 1.0 else _resize(grey, scale)
+        if scale != 1.0:
+            nuclei = _resize(nuclei.astype(np.uint8) * 255, scale) >= 128
         t1 = time.perf_counter()
         probs = self.probabilities(work)
         t2 = time.perf_counter()
-        inst = self.instances_from(probs)
+        inst = self.instances_from(probs, nuclei)
         if scale != 1.0:
             inst = _rescale_instances(inst, grey.shape, scale)
             flag_clusters(inst, float(self.post["cluster_factor"]))
         t3 = time.perf_counter()
-        self.last_timing = {"scale": t1 - t0, "network": t2 - t1, "watershed": t3 - t2, "factor": scale}
+        self.last_timing = {"nuclei_and_scale": t1 - t0, "network": t2 - t1, "watershed": t3 - t2, "factor": scale}
         return inst
 
 
@@ -203,6 +203,24 @@ def _relabel(labels: np.ndarray) -> tuple[np.ndarray, Any, Any]:
     from skimage.segmentation import relabel_sequential
 
     return relabel_sequential(labels.astype(np.int32))
+
+
+def _drop_on_nuclei(labels: np.ndarray, nuclei: np.ndarray, share: float = 0.5) -> np.ndarray:
+    """Labels with at least `share` of their pixels on a (slightly grown) nucleus set to background."""
+    from scipy import ndimage as ndi
+
+    grown = ndi.binary_dilation(nuclei, iterations=3)
+    n = int(labels.max())
+    if n == 0:
+        return labels
+    total = np.bincount(labels.ravel(), minlength=n + 1)
+    on = np.bincount(labels[grown], minlength=n + 1)
+    drop = (on >= share * np.maximum(total, 1))
+    drop[0] = False
+    if not drop.any():
+        return labels
+    out = np.where(drop[labels], 0, labels)
+    return _relabel(out)[0]
 
 
 def _merge_fragments(labels: np.ndarray, fraction: float) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Cluster rule (both segmenters): an object much larger than the image's median chromosome (more than
 `CLUSTER_FACTOR` times its area) that could not be split is kept whole and flagged "cluster, about N
-chromosomes" with N = round(area / median area), never guessed apart. The largest human chromosome is
+chromosomes" with N = round(area / mean single-chromosome area), never guessed apart. The largest human chromosome is
 about twice the median one, so 2.5x leaves room for chromosome 1 while catching two or more stuck together.
 """
 
@@ -56,18 +56,23 @@ def is_nucleus(mask: np.ndarray, width: float, *, min_width: float = 3.0, min_so
 
 def flag_clusters(instances: list[Instance], cluster_factor: float = CLUSTER_FACTOR,
                   reference_area: float | None = None) -> None:
-    """Mark instances far larger than the median chromosome as clusters of about N (in place)."""
+    """Mark instances far larger than the median chromosome (over `cluster_factor` x its area) as clusters
+    (in place). Their size N is the area over the *mean* area of the single chromosomes: total area over
+    mean area is the expected count, where the median (chromosome sizes are skewed) would overcount."""
     if not instances:
         return
     areas = np.array([i.area for i in instances], dtype=np.float64)
     median = float(reference_area) if reference_area else float(np.median(areas))
     if median <= 0:
         return
-    for inst, area in zip(instances, areas, strict=True):
-        ratio = area / median
-        if ratio > cluster_factor:
-            inst.cluster = max(2, int(round(ratio)))
-            inst.notes["cluster_reason"] = f"area {ratio:.1f}x the median chromosome, not separable"
+    big = areas > cluster_factor * median
+    if not big.any():
+        return
+    mean = float(areas[~big].mean()) if (~big).any() else median
+    for inst, area, flagged in zip(instances, areas, big, strict=True):
+        if flagged:
+            inst.cluster = max(2, int(round(area / mean)))
+            inst.notes["cluster_reason"] = f"area {area / median:.1f}x the median chromosome, not separable"
             inst.score = min(inst.score, 0.5)
 
 

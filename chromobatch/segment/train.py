@@ -29,7 +29,6 @@ from chromobatch.segment.base import Instance
 from chromobatch.segment.data import Annotated, load_set
 from chromobatch.segment.learned import POSTPROCESS, LearnedSegmenter, save_segmenter
 from chromobatch.segment.metrics import SetScore, score_image
-from chromobatch.segment.objects import otsu_foreground, stroke_width
 from chromobatch.segment.unet import UNet
 
 log = logging.getLogger(__name__)
@@ -144,10 +143,13 @@ def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def reference_width(items: list[Annotated]) -> float | None:
-    """The chromosome width the network is trained at, measured the way `LearnedSegmenter.scale_for`
-    measures a new image (Otsu foreground, not the annotation, whose outlines are drawn wider), so that
-    an image like the training ones is left at its scale."""
-    widths = [w for w in (stroke_width(otsu_foreground(a.grey)) for a in items) if w]
+    """The chromosome width the network is trained at, measured the way `LearnedSegmenter.segment`
+    measures a new image (the classical foreground, not the annotation, whose outlines are drawn wider),
+    so that an image like the training ones is left at its scale."""
+    from chromobatch.segment.classical import ClassicalSegmenter
+
+    classical = ClassicalSegmenter()
+    widths = [w for w in (classical.nuclei(a.grey)[1] for a in items) if w]
     return float(np.median(widths)) if widths else None
 
 
