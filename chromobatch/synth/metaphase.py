@@ -8,7 +8,8 @@ one stain-density plane; the plane is exposed once (illumination gradient, absor
 (Q), optical blur, camera noise, gamma), so overlaps are darker (G) or brighter (Q) as on a slide.
 
 Ground truth is exact: an instance's mask is the set of pixels its chromatid capsules cover
-(``body > 0`` in the renderer), recorded per instance (overlaps included) and as a label map (overlap
+(``body > 0`` in the renderer; a gap between the sister chromatids that the chromosome encloses is filled,
+as an annotator's outline would include it), recorded per instance (overlaps included) and as a label map (overlap
 pixels go to the chromosome drawn last, i.e. on top). Nuclei and debris are drawn but are never part of a
 chromosome mask (they get masks of their own). Touching (8-adjacent, no shared pixel) and overlapping
 (shared pixels) pairs are placed on purpose at the rates asked for, everything else keeps a gap of at
@@ -141,7 +142,8 @@ def _piece(label: str, rng: np.random.Generator, stain: str, resolution: int, co
         mask = drawn.body > 0
     ys, xs = np.nonzero(mask)
     sl = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
-    mask = mask[sl]
+    # a gap between sister chromatids closed at both ends is inside the chromosome (as an annotator's outline)
+    mask = ndimage.binary_fill_holes(mask[sl])
     near = _grow(np.pad(mask, 1), 1)
     clear = _grow(np.pad(mask, min_gap), min_gap)
     return _Piece(label, np.where(mask, drawn.density[sl], 0.0), mask, near, clear)

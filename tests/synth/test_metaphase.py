@@ -50,6 +50,10 @@ def test_label_map_and_instance_masks_agree(spread: Metaphase) -> None:
         assert m.full_mask(k).sum() == m.masks[k - 1].sum() > 0
     assert np.array_equal(m.labels > 0, coverage > 0)
     assert np.array_equal(m.overlap, coverage > 1)
+    # each chromosome is one piece without holes (the outline an annotator would draw)
+    for mk in m.masks:
+        assert ndimage.label(mk, np.ones((3, 3), bool))[1] == 1
+        assert np.array_equal(ndimage.binary_fill_holes(mk), mk)
     # nuclei and debris are never part of a chromosome mask
     assert not (m.nuclei & (m.labels > 0)).any()
     assert not (m.debris & (m.labels > 0)).any()
