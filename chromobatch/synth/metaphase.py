@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from chromobatch.errors import ConfigError
-from chromobatch.synth.ideogram import RESOLUTIONS
+from chromobatch.synth.ideogram import RESOLUTIONS, check_label
 from chromobatch.synth.karyotypes import NORMAL_KARYOTYPES, karyotype_labels
 from chromobatch.synth.render import (
     CONDENSATION_RANGE,
@@ -492,7 +492,9 @@ def render_metaphase(
     if labels is not None:
         if karyotype is not None:
             raise ConfigError("give a karyotype or a list of labels, not both")
-        cell = list(labels)
+        cell = [check_label(lab) for lab in labels]  # "chr1", "23" -> 1, X: classes are class names
+        if not cell:
+            raise ConfigError("a metaphase needs at least one chromosome (render_blank_field draws none)")
     else:
         if karyotype is None:
             karyotype = str(rng.choice(NORMAL_KARYOTYPES))

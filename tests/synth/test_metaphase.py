@@ -174,6 +174,11 @@ def test_other_sizes_labels_and_errors() -> None:
         render_metaphase(seeded_rng(1), overlap_rate=1.5)
     with pytest.raises(ConfigError):
         render_metaphase(seeded_rng(1), karyotype="46,XY", labels=["1"])
+    with pytest.raises(ConfigError, match="at least one"):
+        render_metaphase(seeded_rng(1), labels=[])
+    with pytest.raises(ConfigError):
+        render_metaphase(seeded_rng(1), labels=["25"])
+    assert sorted(render_metaphase(seeded_rng(1), labels=["chr1", "23"], nuclei=0).classes) == ["1", "X"]
     with pytest.raises(ConfigError, match="do not fit"):
         render_metaphase(seeded_rng(1), size=(120, 100), scale=1.0)
 
