@@ -1,11 +1,13 @@
-"""Screenshots of the web review for docs/img: the case list, a cell view, a signed-off case.
+"""Screenshots of the web review for docs/img: the case list, cell views, a signed-off case.
 
     .venv/bin/python benchmarks/web_screenshots.py [--out docs/img]
 
 Three synthetic cases (chromobatch.synth: 47,XY,+21, 46,XX and a 46,XY/47,XY,+18 mosaic, two cells of crops
 each) processed with the shipped model (models/default) into a fresh SQLite file, a reviewer account, then
 a real `chromobatch serve` and Debian's Chromium driven by Playwright (as tests/web/test_browser.py does):
-sign in, the case list, a cell view after dragging a chromosome to another class, the case after sign-off.
+sign in, the case list, a cell view after dragging a chromosome to another class, the case after sign-off,
+and the cell view of a fourth case delivered as one whole metaphase image (46,XX, segmented by the default
+segmenter), with the outlined metaphase beside the karyogram.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,6 +34,28 @@ from chromobatch.synth.cases import generate_case  # noqa: E402
 from chromobatch.web.users import add_user  # noqa: E402
 
 PASSWORD = "screenshot password"
+
+
+def wait_for_images(page: Any, timeout: float = 30.0) -> None:
+    """Until every image of the page has loaded (polled from here: the page's CSP forbids the string
+    evaluation wait_for_function polls with)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate("() => Array.from(document.images).every(i => i.complete)"):
+        assert time.monotonic() < deadline, "images did not load"
+        time.sleep(0.1)
+
+
+def drag(page: Any, source: Any, target: Any) -> None:
+    """HTML5 drag and drop with the mouse, in small steps, once every thumbnail has loaded (Playwright's
+    drag_to sometimes starts no drag on a small image still loading on a busy machine)."""
+    wait_for_images(page)
+    a, b = source.bounding_box(), target.bounding_box()
+    assert a is not None and b is not None
+    page.mouse.move(a["x"] + a["width"] / 2, a["y"] + a["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(a["x"] + a["width"] / 2 + 4, a["y"] + a["height"] / 2 + 4, steps=4)
+    page.mouse.move(b["x"] + b["width"] / 2, b["y"] + b["height"] / 2, steps=12)
+    page.mouse.up()
 
 
 def main() -> None:
@@ -53,6 +78,9 @@ def main() -> None:
                                   ("LAB-2026-0414", ["46,XY", "47,XY,+18"], 5)):
             folder = generate_case(root / "in", case_id, cells=2, fmt="png", karyotype=kt, seed=seed)
             process_case(database, folder, predictor=predictor, settings=settings, reports_dir=root / "reports")
+        folder = generate_case(root / "in", "LAB-2026-0415", cells=1, fmt="png", karyotype="46,XX", seed=2,
+                               metaphase="folder")  # a whole metaphase: the cell view shows it outlined
+        process_case(database, folder, predictor=predictor, settings=settings, reports_dir=root / "reports")
         add_user(database, "dr.meyer", "reviewer", PASSWORD)
         database.dispose()
         with socket.socket() as s:
@@ -84,7 +112,7 @@ def main() -> None:
                 page.wait_for_selector("#karyogram")
                 src = page.locator('.slot[data-slot="21"] img.chrom').first
                 with page.expect_navigation():
-                    src.drag_to(page.locator('.slot[data-slot="22"] .num'))
+                    drag(page, src, page.locator('.slot[data-slot="22"] .num'))
                 page.wait_for_selector("#karyogram")
                 page.locator('.slot[data-slot="22"] img.chrom').first.click()
                 page.screenshot(path=str(args.out / "web-cell-view.png"), full_page=True)
@@ -94,6 +122,12 @@ def main() -> None:
                 page.click("#signoff-button")
                 page.wait_for_selector(".signoff")
                 page.screenshot(path=str(args.out / "web-sign-off.png"), full_page=True)
+                page.goto(url + "/")
+                page.click("text=LAB-2026-0415")
+                page.click("#cells a >> nth=0")
+                page.wait_for_selector(".metaphase img")
+                wait_for_images(page)
+                page.screenshot(path=str(args.out / "web-cell-metaphase.png"), full_page=True)
                 browser.close()
         finally:
             proc.terminate()
