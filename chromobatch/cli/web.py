@@ -123,6 +123,30 @@ def users_role(name: Annotated[str, typer.Argument(help="User name.")],
     typer.echo(f"user {user.name} is now {user.role}")
 
 
+@users_app.command("disable")
+@friendly
+def users_disable(name: Annotated[str, typer.Argument(help="User name.")], db: DbOpt = None) -> None:
+    """Disable an account: no more sign-ins, open sessions end (the name stays in the audit trail)."""
+    from chromobatch.store.db import connect
+    from chromobatch.web.users import set_active
+
+    with connect(settings(db=db).db) as database:
+        set_active(database, name, False)
+    typer.echo(f"user {name} disabled")
+
+
+@users_app.command("enable")
+@friendly
+def users_enable(name: Annotated[str, typer.Argument(help="User name.")], db: DbOpt = None) -> None:
+    """Enable a disabled account again."""
+    from chromobatch.store.db import connect
+    from chromobatch.web.users import set_active
+
+    with connect(settings(db=db).db) as database:
+        set_active(database, name, True)
+    typer.echo(f"user {name} enabled")
+
+
 @users_app.command("list")
 @friendly
 def users_list(db: DbOpt = None) -> None:

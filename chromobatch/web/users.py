@@ -119,6 +119,19 @@ def set_role(database: Database, name: str, role: str) -> UserInfo:
         return _info(user)
 
 
+def set_active(database: Database, name: str, active: bool) -> UserInfo:
+    """Disable an account (it can no longer sign in, its open sessions end) or enable it again; accounts are
+    never deleted, their names stay in the audit trail."""
+    with database.session() as s:
+        user = s.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        if user is None:
+            raise UserError(f"no user named {name!r}")
+        user.active = active
+        info = _info(user)
+    log.info("user %s %s", name, "enabled" if active else "disabled")
+    return info
+
+
 def list_users(database: Database) -> list[UserInfo]:
     with database.session() as s:
         return [_info(u) for u in s.execute(select(User).order_by(User.name)).scalars()]

@@ -143,6 +143,17 @@ def test_password_change_ends_sessions(web: SimpleNamespace, client: Any) -> Non
     assert c.get("/").status_code == 303
 
 
+def test_disabled_user_cannot_sign_in_and_loses_its_session(web: SimpleNamespace, client: Any) -> None:
+    from chromobatch.web.users import set_active
+
+    c = client("bob")
+    set_active(web.database, "bob", False)
+    assert c.get("/").status_code == 303
+    fresh = client(None)
+    r = fresh.post("/login", data={"username": "bob", "password": PASSWORD, "csrf_token": fresh.csrf})
+    assert r.status_code == 401
+
+
 def test_case_list_case_and_cell_pages(web: SimpleNamespace, client: Any) -> None:
     c = client("vera")
     listing = c.get("/")
