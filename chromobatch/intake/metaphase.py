@@ -30,6 +30,17 @@ METAPHASE_MIN_SIDE = 256
 MIN_OBJECTS = 6
 #: Objects smaller than this (pixels) are specks, not chromosomes.
 MIN_AREA = 12
+#: A chromosome covers at least this many pixels at a microscope's native scale (the smallest, 21, 22 and Y
+#: in bioimlab-metaphase, cover about 100); smaller objects are debris.
+MIN_CHROMOSOME_AREA = 60
+#: A round filled object this large is an interphase nucleus, not a chromosome (the largest chromosome of
+#: bioimlab-metaphase covers about 1,500 pixels).
+NUCLEUS_MIN_AREA = 2000
+#: Fewer chromosome-like objects than this is not a metaphase that can be counted or analysed.
+MIN_CHROMOSOMES = 5
+#: In a metaphase chromosomes lie at any angle (about 1 in 8 within 12 degrees of vertical; at most 0.40 in
+#: the 163 real bioimlab-metaphase frames); on a karyogram sheet they stand upright in rows.
+UPRIGHT_SHARE = 0.55
 INPUT_KINDS = ("auto", "crops", "metaphase")
 
 
@@ -55,18 +66,33 @@ class ImageStats:
     blobs: tuple[Blob, ...]
 
     @property
+    def nuclei(self) -> list[Blob]:
+        return [b for b in self.blobs if _nucleus_like(b)]
+
+    @property
     def chromosome_like(self) -> list[Blob]:
-        """Objects a chromosome could be: not specks, not round blobs far larger than the typical object."""
-        sizes = [b.area for b in self.blobs]
-        if not sizes:
-            return []
-        typical = float(np.median(sizes))
-        return [b for b in self.blobs if not _nucleus_like(b, typical)]
+        """Objects a chromosome could be: not a nucleus, not a speck of debris (small and round)."""
+        return [b for b in self.blobs if not _nucleus_like(b) and not _speck(b)]
 
 
-def _nucleus_like(b: Blob, typical_area: float) -> bool:
-    """Round and big: an interphase nucleus (a chromosome is a rod; a cluster of chromosomes is not round)."""
-    return b.elongation < 1.5 and b.area >= max(400.0, 4.0 * typical_area) and b.fill > 0.75
+def _nucleus_like(b: Blob) -> bool:
+    """Round, filled and far bigger than any chromosome at a microscope's scale (a chromosome is a rod; a
+    cluster of chromosomes is not filled)."""
+    return b.elongation < 1.6 and b.fill > 0.8 and b.area >= NUCLEUS_MIN_AREA
+
+
+def _speck(b: Blob) -> bool:
+    return b.area < MIN_CHROMOSOME_AREA or (b.elongation < 1.3 and b.fill > 0.9 and b.area < 300)
+
+
+def _ruled_line(b: Blob) -> bool:
+    """A thin horizontal line, as under each pair of a printed karyogram."""
+    return b.tilt >= 80.0 and b.elongation >= 6.0 and b.height <= 6 and b.width >= 25
+
+
+def upright_share(stats: ImageStats) -> float:
+    rest = [b for b in stats.chromosome_like if not _ruled_line(b)]
+    return sum(1 for b in rest if b.tilt <= 12.0 and b.elongation >= 1.2) / max(1, len(rest))
 
 
 def image_stats(dark_on_light: np.ndarray) -> ImageStats:
@@ -124,17 +150,18 @@ def check_metaphase(dark_on_light: np.ndarray, stats: ImageStats | None = None) 
         raise ImageRejected(f"not a metaphase: no uniform background ({stats.background_share:.0%} of the image "
                             "is background; a photo or a scanned document?)")
     chromosomes = stats.chromosome_like
-    nuclei = len(stats.blobs) - len(chromosomes)
-    big = [b for b in chromosomes if b.area >= 30]
-    if len(big) < 2:
-        what = f"only {nuclei} round object(s) the size of an interphase nucleus" if nuclei else \
-            "only specks"
-        raise ImageRejected(f"not a metaphase: no chromosomes found ({what})")
-    rods = [b for b in big if b.elongation >= 2.0]
-    upright = [b for b in rods if b.tilt <= 12.0]
-    lines = [b for b in stats.blobs if b.elongation >= 12.0 and b.tilt >= 80.0 and b.width >= 40]
-    if len(rods) >= 10 and (len(upright) >= 0.75 * len(rods) or len(lines) >= 3):
-        raise ImageRejected(f"not a metaphase: looks like a karyogram sheet ({len(upright)} of {len(rods)} "
-                            f"chromosomes upright in rows, {len(lines)} ruled lines); deliver the metaphase "
-                            "image or the chromosome crops")
+    nuclei = stats.nuclei
+    if len(chromosomes) < MIN_CHROMOSOMES:
+        if nuclei:
+            raise ImageRejected(f"not a metaphase: no chromosomes found, only {len(nuclei)} round object(s) the "
+                                f"size of an interphase nucleus (and {len(chromosomes)} small object(s))")
+        raise ImageRejected(f"not a metaphase: blank field or a frame off the spread ({len(chromosomes)} "
+                            f"object(s) that could be a chromosome, at least {MIN_CHROMOSOMES} expected)")
+    lines = [b for b in chromosomes if _ruled_line(b)]
+    rest = [b for b in chromosomes if not _ruled_line(b)]
+    upright = [b for b in rest if b.tilt <= 12.0 and b.elongation >= 1.2]
+    if len(rest) >= 8 and (len(upright) >= UPRIGHT_SHARE * len(rest) or len(lines) >= 3):
+        raise ImageRejected(f"not a metaphase: looks like a karyogram sheet ({len(upright)} of {len(chromosomes)} "
+                            f"objects upright in rows, {len(lines)} ruled lines); deliver the metaphase image or "
+                            "the chromosome crops")
     return stats

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from chromobatch.intake.imaging import encode_png
+from chromobatch.intake.metaphase import MIN_CHROMOSOMES
 from chromobatch.intake.scan import Accepted, CellSource, Metaphase, ScannedCase
 from chromobatch.ml.geometry import upright
 from chromobatch.segment.base import Instance, Segmenter
@@ -79,8 +80,10 @@ def cut_metaphase(m: Metaphase, segmenter: Segmenter) -> tuple[list[Accepted], C
     from chromobatch.intake.imaging import ImageRejected
 
     instances = reading_order(segmenter.segment(m.grey))
-    if not instances:
-        raise ImageRejected("no chromosome found in the metaphase (only background, nuclei or debris)")
+    found = sum(max(1, int(i.cluster)) for i in instances)
+    if found < MIN_CHROMOSOMES:
+        raise ImageRejected(f"not a metaphase: the segmenter found {found} chromosome(s), at least "
+                            f"{MIN_CHROMOSOMES} expected (only background, nuclei or debris?)")
     accepted: list[Accepted] = []
     clusters: list[dict[str, Any]] = []
     for number, inst in enumerate(instances, start=1):

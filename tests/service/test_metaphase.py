@@ -221,3 +221,25 @@ def test_watcher_killed_while_segmenting_processes_each_metaphase_case_once(
     assert {p.name for p in layout.processed.iterdir()} == set(truth)
     assert "Traceback" not in second.text()
     database.dispose()
+
+
+@pytest.mark.parametrize("image", ["png16", "tif", "jpg"])
+def test_metaphases_as_16_bit_tiff_and_jpeg_files_are_read(tmp_path: Path, image: str) -> None:
+    from chromobatch.synth.cases import generate_case
+
+    case = generate_case(tmp_path, f"IMG-{image}", cells=2, fmt="png", karyotype="46,XX", seed=4,
+                         metaphase="flat", metaphase_image=image)
+    scanned = scan_case(case)
+    assert not scanned.rejected and not scanned.accepted
+    assert sorted(m.cell for m in scanned.metaphases) == ["cell01", "cell02"]
+    assert all(m.grey.dtype == np.uint8 and m.polarity == "dark_on_light" for m in scanned.metaphases)
+
+
+def test_a_dicom_instance_holding_a_metaphase_is_one_cell(tmp_path: Path) -> None:
+    from chromobatch.synth.cases import generate_case
+
+    case = generate_case(tmp_path, "DCM-META", cells=2, fmt="dicom", karyotype="46,XY", seed=6, metaphase="flat")
+    scanned = scan_case(case)
+    assert not scanned.rejected, scanned.rejected
+    assert len(scanned.metaphases) == 2 and len({m.cell for m in scanned.metaphases}) == 2
+    assert scanned.input_format == "metaphase" and scanned.meta  # patient/study tags kept for the case
