@@ -195,3 +195,50 @@ def test_sign_in_drag_keyboard_sign_off(server: SimpleNamespace, tmp_path: Path)
     web_lines = [line for line in server.log.read_text().splitlines() if "chromobatch.web" in line]
     assert any("POST /cases/" in line for line in web_lines)
     assert all(CASE_ID not in line for line in web_lines)  # the web's log lines name keys, never the case ID
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install chromium)")
+def test_swap_and_not_a_chromosome_by_drag(server: SimpleNamespace) -> None:
+    """Drop one chromosome onto another of a different class: the two swap; drop one on "not a chromosome":
+    it leaves the karyogram, recorded as a review event."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) not installed")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(server.url + "/login")
+            page.fill('input[name="username"]', "bob")
+            page.fill('input[name="password"]', PASSWORD)
+            page.click('button[type="submit"]')
+            page.wait_for_selector("table.cases")
+            page.click(f"text={CASE_ID}")
+            page.click("#cells a >> nth=1")
+            page.wait_for_selector("#karyogram")
+            thumbs = page.locator("#karyogram img.chrom")
+            ids = [thumbs.nth(k).get_attribute("data-id") for k in range(thumbs.count())]
+            labels = {i: page.get_attribute(f'img.chrom[data-id="{i}"]', "data-label") for i in ids}
+            a = ids[0]
+            b = next(i for i in ids if labels[i] and labels[i] != labels[a])
+            with page.expect_navigation():
+                drag(page, page.locator(f'img.chrom[data-id="{a}"]'), page.locator(f'img.chrom[data-id="{b}"]'))
+            page.wait_for_selector("#karyogram")
+            assert (_slot_of(page, a), _slot_of(page, b)) == (labels[b], labels[a])
+            gone = next(i for i in ids if i not in (a, b))
+            with page.expect_navigation():
+                drag(page, page.locator(f'img.chrom[data-id="{gone}"]'),
+                     page.locator('.slot[data-slot="not-a-chromosome"] .num'))
+            page.wait_for_selector("#karyogram")
+            assert _slot_of(page, gone) == "not-a-chromosome"
+        finally:
+            browser.close()
+    database = db.connect(server.path)
+    try:
+        with database.session() as s:
+            rows = [(r.chromosome_id, r.label, r.reviewer) for r in
+                    s.query(db.Label).filter(db.Label.source == "reviewed").order_by(db.Label.id)]
+            event = s.query(db.ReviewEvent).one()
+            assert s.get(db.Chromosome, int(gone)).not_chromosome is True
+    finally:
+        database.dispose()
+    assert sorted(rows) == sorted([(int(a), labels[b], "bob"), (int(b), labels[a], "bob")])
+    assert (event.kind, event.chromosome_id, event.user_name) == ("not_chromosome", int(gone), "bob")
