@@ -45,6 +45,24 @@ def segment_train(
     typer.echo(f"wrote {out}: val {json.dumps(result['val'])}")
 
 
+@segment_app.command("tune")
+@friendly
+def segment_tune(
+    model: Annotated[Path, typer.Option("--model", help="A segmenter model folder (its model.json is updated).")],
+    data: Annotated[Path, typer.Option("--data", help="Annotated metaphases (manifest.csv + labelme polygons).")],
+    threads: Annotated[int, typer.Option(help="CPU threads.")] = 1,
+    remeasure_width: Annotated[bool, typer.Option("--remeasure-width/--keep-width",
+                                                  help="Measure the training chromosome width again.")] = True,
+) -> None:
+    """Choose the post-processing thresholds on the val split (what `train` does at its end)."""
+    from chromobatch.segment.data import load_set
+    from chromobatch.segment.train import retune
+
+    train = load_set(data, "train") if remeasure_width else None
+    result = retune(model, load_set(data, "val"), threads=threads, train=train, progress=typer.echo)
+    typer.echo(f"updated {model / 'model.json'}: {json.dumps(result['postprocess'])}")
+
+
 @segment_app.command("evaluate")
 @friendly
 def segment_evaluate(

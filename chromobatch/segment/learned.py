@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,8 @@ class LearnedSegmenter:
             flag_clusters(kept, float(p["cluster_factor"]))
         return kept
 
-    def segment(self, grey: np.ndarray) -> list[Instance]:
+    def prepare(self, grey: np.ndarray) -> Prepared:
+        """The costly part of `segment`: nuclei and width (classical), the scale, the network's maps."""
         if grey.ndim != 2 or grey.dtype != np.uint8:
             raise ValueError(f"segment wants a normalised uint8 (H, W) image, got {grey.dtype} {grey.shape}")
         from chromobatch.segment.classical import ClassicalSegmenter
@@ -189,14 +191,29 @@ class LearnedSegmenter:
             nuclei = _resize(nuclei.astype(np.uint8) * 255, scale) >= 128
         t1 = time.perf_counter()
         probs = self.probabilities(work)
-        t2 = time.perf_counter()
-        inst = self.instances_from(probs, nuclei)
-        if scale != 1.0:
-            inst = _rescale_instances(inst, grey.shape, scale)
+        self.last_timing = {"nuclei_and_scale": t1 - t0, "network": time.perf_counter() - t1, "factor": scale}
+        return Prepared(probs=probs, nuclei=nuclei, scale=scale, shape=(int(grey.shape[0]), int(grey.shape[1])))
+
+    def finish(self, prep: Prepared) -> list[Instance]:
+        """The post-processing of `segment` (cheap: training tunes its thresholds on cached `prepare`s)."""
+        t0 = time.perf_counter()
+        inst = self.instances_from(prep.probs, prep.nuclei)
+        if prep.scale != 1.0:
+            inst = _rescale_instances(inst, prep.shape, prep.scale)
             flag_clusters(inst, float(self.post["cluster_factor"]))
-        t3 = time.perf_counter()
-        self.last_timing = {"nuclei_and_scale": t1 - t0, "network": t2 - t1, "watershed": t3 - t2, "factor": scale}
+        self.last_timing["watershed"] = time.perf_counter() - t0
         return inst
+
+    def segment(self, grey: np.ndarray) -> list[Instance]:
+        return self.finish(self.prepare(grey))
+
+
+@dataclass
+class Prepared:
+    probs: np.ndarray  # (2, h, w) foreground and core probabilities, at the working scale
+    nuclei: np.ndarray  # bool (h, w), at the working scale
+    scale: float  # working scale / original scale
+    shape: tuple[int, int]  # the original image's (H, W)
 
 
 def _relabel(labels: np.ndarray) -> tuple[np.ndarray, Any, Any]:

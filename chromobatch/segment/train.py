@@ -27,7 +27,14 @@ from chromobatch.errors import DataError
 from chromobatch.files import atomic_write
 from chromobatch.segment.base import Instance
 from chromobatch.segment.data import Annotated, load_set
-from chromobatch.segment.learned import POSTPROCESS, LearnedSegmenter, save_segmenter
+from chromobatch.segment.learned import (
+    POSTPROCESS,
+    LearnedSegmenter,
+    Prepared,
+    read_meta,
+    save_segmenter,
+    update_meta,
+)
 from chromobatch.segment.metrics import SetScore, score_image
 from chromobatch.segment.unet import UNet
 
@@ -163,11 +170,11 @@ def loss_fn(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(seg: LearnedSegmenter, items: list[Annotated],
-             probs: list[np.ndarray] | None = None) -> SetScore:
-    """The whole segmenter on full images (network outputs may be passed in, cached)."""
+             prepared: list[Prepared] | None = None) -> SetScore:
+    """The whole segmenter on full images (the network's part may be passed in, cached)."""
     scores = []
     for i, a in enumerate(items):
-        inst = seg.instances_from(probs[i]) if probs is not None else seg.segment(a.grey)
+        inst = seg.finish(prepared[i]) if prepared is not None else seg.segment(a.grey)
         scores.append(score_image(inst, a.instances, a.name))
     return SetScore(scores)
 
@@ -175,7 +182,7 @@ def evaluate(seg: LearnedSegmenter, items: list[Annotated],
 def tune_postprocess(seg: LearnedSegmenter, items: list[Annotated]) -> dict[str, Any]:
     """Choose the thresholds on validation images (network run once), one at a time (core threshold, seed
     size, foreground threshold, fragment merging): by F1, then count error."""
-    probs = [seg.probabilities(a.grey) for a in items]
+    prepared = [seg.prepare(a.grey) for a in items]
     grid: dict[str, tuple[float, ...]] = {"core_threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "min_seed": (3, 6, 12),
                                           "fg_threshold": (0.4, 0.5, 0.6), "merge_small": (0.0, 0.2, 0.35)}
     chosen = dict(seg.post)
@@ -183,7 +190,7 @@ def tune_postprocess(seg: LearnedSegmenter, items: list[Annotated]) -> dict[str,
         best: tuple[float, float] | None = None
         for v in values:
             seg.post = {**chosen, key: v}
-            s = evaluate(seg, items, probs)
+            s = evaluate(seg, items, prepared)
             rank = (s.f1, -s.mean_abs_count_error)
             if best is None or rank > best:
                 best, pick = rank, v
@@ -267,18 +274,28 @@ def train_segmenter(data: Path, out: Path, cfg: SegTrainConfig,
             break
     meta["training"]["steps_run"] = step + 1
     meta["training"]["total_minutes"] = round((time.monotonic() - t0) / 60, 2)
-    # the best checkpoint's post-processing, tuned on the validation split
-    from chromobatch.segment.learned import load_segmenter_folder, update_meta
+    result = retune(out, val, threads=cfg.threads, progress=say)
+    update_meta(out, {"training": {**read_meta(out)["training"], "steps_run": step + 1,
+                                   "total_minutes": meta["training"]["total_minutes"]}})
+    return {"history": history, **result}
 
-    seg = load_segmenter_folder(out, threads=cfg.threads)
+
+def retune(folder: Path, val: list[Annotated], threads: int = 1, train: list[Annotated] | None = None,
+           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Tune a saved segmenter's post-processing on validation images and write it to its model.json
+    (with `train`, the reference chromosome width is measured again first, the way inference measures)."""
+    from chromobatch.segment.learned import load_segmenter_folder
+
+    say = progress or log.info
+    if train is not None:
+        update_meta(folder, {"stroke_width": reference_width(train)})
+    seg = load_segmenter_folder(folder, threads=threads)
     chosen = tune_postprocess(seg, val)
     s = evaluate(seg, val)
-    tuned = {"postprocess": chosen, "training": {**seg.meta["training"], "steps_run": step + 1,
-                                                 "total_minutes": meta["training"]["total_minutes"],
-                                                 "val_tuned": s.summary()}}
-    update_meta(out, tuned)
+    meta = read_meta(folder)
+    update_meta(folder, {"postprocess": chosen, "training": {**meta.get("training", {}), "val_tuned": s.summary()}})
     say(f"post-processing tuned on val: {chosen} -> {json.dumps(s.summary())}")
-    return {"history": history, "postprocess": chosen, "val": s.summary()}
+    return {"postprocess": chosen, "val": s.summary()}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
