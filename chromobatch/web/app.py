@@ -255,8 +255,8 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
     @app.get("/cases/{case_pk}/report.pdf")
     def report(request: Request, case_pk: int) -> Response:
         viewer(request)
-        page = pages.case_page(database, case_pk)
-        path = Path(page.report_path) if page.report_path else None
+        report_path = pages.report_path(database, case_pk)
+        path = Path(report_path) if report_path else None
         if path is None or not path.is_file():
             raise HTTPException(404, "no report rendered for this case yet")
         return FileResponse(path, media_type="application/pdf", filename=f"report-{case_pk}.pdf",

@@ -315,3 +315,12 @@ def cell_page_case(database: Database, cell_pk: int) -> int:
     if pk is None:
         raise CellNotFound(f"no cell with key {cell_pk}")
     return int(pk)
+
+
+def report_path(database: Database, case_pk: int) -> str | None:
+    """Where the case's newest PDF report was written (None: not rendered yet); 404 for an unknown case."""
+    with database.session() as s:
+        row = s.execute(select(Case.report_path).where(Case.id == case_pk)).one_or_none()
+    if row is None:
+        raise CaseNotFound(f"no case with key {case_pk}")
+    return row[0]

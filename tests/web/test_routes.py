@@ -92,6 +92,20 @@ def test_every_role_every_route_with_and_without_csrf(web: SimpleNamespace, clie
         assert _state(web) != before
 
 
+@pytest.mark.parametrize("name", ROLES)
+@pytest.mark.parametrize("with_csrf", [True, False])
+def test_search_and_logout_every_role_with_and_without_csrf(web: SimpleNamespace, client: Any, name: str,
+                                                            with_csrf: bool) -> None:
+    """The POSTs every signed-in role may make: they too need the CSRF token."""
+    c = client(name)
+    token = {"csrf_token": c.csrf} if with_csrf else {}
+    r = c.post("/search", data={"q": "7731", **token})
+    assert r.status_code == (200 if with_csrf else 403)
+    r = c.post("/logout", data=token)
+    assert r.status_code == (303 if with_csrf else 403)
+    assert c.get("/").status_code == (303 if with_csrf else 200)  # signed out only with the token
+
+
 @pytest.mark.parametrize("route", ROUTES)
 def test_not_signed_in_is_refused(web: SimpleNamespace, client: Any, route: str) -> None:
     url, data = _routes(web)[route]
