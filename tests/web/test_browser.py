@@ -141,12 +141,14 @@ def test_sign_in_drag_keyboard_sign_off(server: SimpleNamespace, tmp_path: Path)
             assert "changed_by_review" in (page.get_attribute(f'img.chrom[data-id="{chrom}"]', "class") or "") or \
                 before == target
 
-            # another by keyboard: select, type its class, Enter
-            other = page.locator(f'#karyogram img.chrom:not([data-id="{chrom}"])').first
-            other_id = other.get_attribute("data-id")
-            assert other_id is not None
+            # another by keyboard: select one, ArrowRight to the next, type its class, Enter
+            order = page.eval_on_selector_all("#karyogram img.chrom", "els => els.map(e => e.dataset.id)")
+            start = next(k for k, i in enumerate(order[:-1]) if i != chrom and order[k + 1] != chrom)
+            other_id = order[start + 1]
             key_target = "X" if _slot_of(page, other_id) != "X" else "9"
-            other.click()
+            page.locator(f'img.chrom[data-id="{order[start]}"]').click()
+            page.keyboard.press("ArrowRight")
+            assert "selected" in (page.get_attribute(f'img.chrom[data-id="{other_id}"]', "class") or "")
             with page.expect_navigation():
                 page.keyboard.type(key_target.lower())
                 page.keyboard.press("Enter")

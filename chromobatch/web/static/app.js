@@ -119,9 +119,16 @@
     if (img && img !== selected) { select(img); }
   });
   document.addEventListener("keydown", function (e) {
-    if (!selected || !editable) { return; }
+    if (!selected) { return; }
     if (e.target && (e.target.tagName === "INPUT" || e.target.tagName === "TEXTAREA")) { return; }
     var k = e.key;
+    if ((k === "ArrowRight" || k === "ArrowLeft") && typed === "") {  // the next / previous chromosome
+      var all = Array.prototype.slice.call(app.querySelectorAll("img.chrom"));
+      var at = all.indexOf(selected) + (k === "ArrowRight" ? 1 : -1);
+      if (at >= 0 && at < all.length) { e.preventDefault(); select(all[at]); }
+      return;
+    }
+    if (!editable) { return; }
     if (k === "Escape") { select(null); box.classList.add("hidden"); return; }
     if (k === "Enter") {
       e.preventDefault();
