@@ -132,13 +132,14 @@ def _check_rate(name: str, value: float) -> float:
 
 
 def _piece(label: str, rng: np.random.Generator, stain: str, resolution: int, condensation: float,
-           imaging: Imaging, scale: float, min_gap: int, bend: float) -> _Piece:
+           imaging: Imaging, scale: float, min_gap: int, bend: float, splay: float) -> _Piece:
+    splay = splay * float(rng.uniform(0.4, 1.6)) if splay else 0.0
     drawn = chromosome_density(label, rng, style=stain, resolution=resolution, condensation=condensation,
-                               imaging=imaging, scale=scale, tight=True, bend=bend)
+                               imaging=imaging, scale=scale, tight=True, bend=bend, splay=splay)
     mask = drawn.body > 0
     if mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any():  # never seen; never cut
         drawn = chromosome_density(label, rng, style=stain, resolution=resolution, condensation=condensation,
-                                   imaging=imaging, scale=scale)
+                                   imaging=imaging, scale=scale, splay=splay)
         mask = drawn.body > 0
     ys, xs = np.nonzero(mask)
     sl = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
@@ -399,7 +400,7 @@ def _nucleus(rng: np.random.Generator, scale: float, stain: str) -> tuple[np.nda
     mask = r < 1.0
     edge = 1 / (1 + np.exp((r - 0.97) / 0.02))
     grain = 0.5 * _smooth_noise(rng, (n, n), rng.uniform(1.2, 2.5)) + 0.5 * _smooth_noise(rng, (n, n), 5.0)
-    level = rng.uniform(0.45, 0.75) if stain == "Q" else rng.uniform(0.35, 0.6)
+    level = rng.uniform(0.55, 0.95) if stain == "Q" else rng.uniform(0.35, 0.6)  # Q: as bright as chromosomes
     dens = edge * level * (1 + rng.uniform(0.15, 0.3) * grain)
     return np.clip(dens, 0, None) * mask, mask
 
@@ -458,6 +459,7 @@ def render_metaphase(
     scale: float | None = None,
     resolution: int | None = None,
     condensation: float | None = None,
+    splay: float | None = None,
     crowding: float | None = None,
     overlap_rate: float = 0.08,
     touch_rate: float = 0.15,
@@ -473,7 +475,8 @@ def render_metaphase(
     classes to draw, e.g. a spread that lost chromosomes) say what is in the cell. ``size`` is (width,
     height). ``scale`` is the magnification relative to the crop renderer (None: drawn from SCALE_RANGE),
     ``condensation`` the chromosomes' length factor (longer and thinner above 1, as in prometaphase; None:
-    drawn for the band level ``resolution``),
+    drawn for the band level ``resolution``), ``splay`` how far the sister chromatids part towards the
+    telomeres, in chromatid radii (None: 0.3-1.0 in 40% of the short metaphase cells, else 0; 0: never),
     ``crowding`` the spread's area per chromosome area (None: drawn from 2.5..7; lower is more crowded).
     ``overlap_rate`` and ``touch_rate`` are the fractions of chromosomes meant to overlap or touch another
     (each event involves two, so about rate x N / 2 events are placed; the flags on the result are measured).
@@ -522,7 +525,14 @@ def render_metaphase(
 
     order = rng.permutation(len(cell))
     bend = float(rng.uniform(0.8, 1.2)) * max(condensation, 1.0) ** 1.5  # long chromosomes curl more
-    pieces = [_piece(cell[i], rng, stain, resolution, condensation, imaging, scale, min_gap, bend) for i in order]
+    # short metaphase chromosomes often show their sister chromatids parted towards the tips
+    drawn_splay = float(rng.uniform(0.3, 1.0)) if condensation < 1.15 and rng.random() < 0.4 else 0.0
+    if splay is None:
+        splay = drawn_splay
+    elif not 0.0 <= splay <= 3.0:
+        raise ConfigError(f"splay must be within 0..3 chromatid radii, got {splay!r}")
+    pieces = [_piece(cell[i], rng, stain, resolution, condensation, imaging, scale, min_gap, bend, splay)
+              for i in order]
     area = sum(int(p.mask.sum()) for p in pieces)
     radius = math.sqrt(crowding * area / math.pi)
     aspect = rng.uniform(0.75, 1.0)
@@ -600,7 +610,7 @@ def render_metaphase(
         stain=stain, karyotype=karyotype, truncated=truncated,
         info={"resolution": resolution, "condensation": round(condensation, 4), "scale": round(scale, 4),
               "crowding": round(crowding, 3), "nuclei": placed_nuclei, "blur": round(optics.blur, 3),
-              "noise": round(optics.noise, 3), "drawn": len(pieces)})
+              "noise": round(optics.noise, 3), "splay": round(splay, 3), "drawn": len(pieces)})
 
 
 # ------------------------------------------------------------------------------------------ negatives

@@ -226,13 +226,15 @@ def chromosome_density(
     scale: float = 1.0,
     tight: bool = False,
     bend: float = 1.0,
+    splay: float = 0.0,
 ) -> ChromosomeDensity:
     """The stain density of one chromosome, before optics and camera (see render_chromosome).
 
     ``scale`` magnifies length and width together (the microscope's pixel size): 1.0 is the crop scale,
     whole metaphases (chromobatch.synth.metaphase) draw several chromosomes at one scale into one image.
     ``tight`` leaves a 2 px margin instead of the crop's blur and background margin (same random draws);
-    ``bend`` multiplies the axis's bending.
+    ``bend`` multiplies the axis's bending; ``splay`` parts the sister chromatids towards the telomeres (held
+    at the centromere: the X of a colcemid metaphase), in chromatid radii at the tip of the longer arm.
     """
     label = check_label(label)
     check_style(style)
@@ -256,9 +258,9 @@ def chromosome_density(
     grid, profile, widths, spread = _axis_profiles(ch, style, resolution, rng, total_px, px_per_iscn)
 
     pts = _centreline(arc, rng, upright, ch.centromere / ch.length, bend)
-    margin = half_width + 3 * im.blur + int(rng.integers(3, 9))
+    margin = half_width + 3 * im.blur + int(rng.integers(3, 9)) + splay * radius
     if tight:
-        margin = half_width * 1.7 + 2  # the outline's wobble and the satellites' width stay inside
+        margin = half_width * 1.7 + 2 + splay * radius  # the outline's wobble and the satellites stay inside
     x0, y0 = pts.min(axis=0) - margin
     x1, y1 = pts.max(axis=0) + margin
     w, h = int(math.ceil(x1 - x0)), int(math.ceil(y1 - y0))
@@ -271,6 +273,9 @@ def chromosome_density(
     along = np.maximum(np.maximum(-u, u - arc), 0.0) ** 2  # past the telomere: round caps
     r_local = radius * wf * (1 + 0.07 * texture)
     c_local = offset * wf * np.interp(iscn, grid, spread)
+    if splay:
+        arm = max(ch.centromere, ch.length - ch.centromere)
+        c_local = c_local + splay * radius * ((iscn - ch.centromere) / arm) ** 2
     body = np.zeros_like(u)
     for side in (-1.0, 1.0):
         r = np.sqrt(along + (v - side * c_local) ** 2) / r_local

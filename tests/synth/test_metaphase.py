@@ -407,14 +407,31 @@ def test_cli_synth_metaphase(tmp_path: Path) -> None:
 def test_condensation_makes_longer_thinner_chromosomes() -> None:
     def shape(cond: float) -> tuple[float, float]:
         m = render_metaphase(seeded_rng(2), labels=["1"] * 6, condensation=cond, scale=1.0, size=(900, 700),
-                             overlap_rate=0, touch_rate=0)
-        lengths = [max(np.ptp(np.nonzero(mk)[0]), np.ptp(np.nonzero(mk)[1])) + 1 for mk in m.masks]
+                             overlap_rate=0, touch_rate=0, splay=0.0)
+        from skimage.morphology import skeletonize
+
+        lengths = [float(skeletonize(mk).sum()) for mk in m.masks]  # along the (bent) axis
         return float(np.mean(lengths)), float(np.mean([mk.sum() for mk in m.masks]) / np.mean(lengths))
 
     (l1, w1), (l2, w2) = shape(1.0), shape(2.0)
     assert l2 > 1.4 * l1 and w2 < w1
     with pytest.raises(ConfigError):
         render_metaphase(seeded_rng(2), condensation=5.0)
+
+
+def test_splay_parts_the_chromatids() -> None:
+    """Parted sister chromatids (an X) make a chromosome's outline less convex."""
+    from skimage.morphology import convex_hull_image
+
+    def solidity(splay: float) -> float:
+        m = render_metaphase(seeded_rng(5), labels=["1", "2", "3", "4"], condensation=1.0, splay=splay,
+                             size=(500, 400), overlap_rate=0, touch_rate=0, nuclei=0)
+        assert m.info["splay"] == splay
+        return float(np.mean([mk.sum() / convex_hull_image(mk).sum() for mk in m.masks]))
+
+    assert solidity(1.5) < solidity(0.0) - 0.03
+    with pytest.raises(ConfigError):
+        render_metaphase(seeded_rng(5), splay=-1.0)
 
 
 def test_docs_figure(tmp_path: Path) -> None:
