@@ -177,7 +177,8 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
     @app.post("/login")
     async def login(request: Request) -> Response:
         form = await request.form()
-        name, password = str(form.get("username") or ""), str(form.get("password") or "")
+        # stripped as authenticate() strips it: the limiter must count "alice " as "alice"
+        name, password = str(form.get("username") or "").strip(), str(form.get("password") or "")
         presented = form.get(CSRF_FIELD)
         if not csrf_ok(request.session, presented if isinstance(presented, str) else None):
             return render(request, "login.html", None, status=403,
