@@ -24,6 +24,7 @@ from chromobatch import normalise_label
 from chromobatch.csvio import HeaderError, read_table
 from chromobatch.errors import (
     CaseNotFound,
+    CaseSigned,
     CellNotFound,
     ChromosomeNotFound,
     CorrectionsFileError,
@@ -32,7 +33,7 @@ from chromobatch.errors import (
 )
 from chromobatch.store.db import Case, Cell, Chromosome, Database, Label, Prediction, utcnow
 from chromobatch.store.queries import newest_labels
-from chromobatch.store.states import LabelSource
+from chromobatch.store.states import LabelSource, ReviewState
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,16 @@ def _label(text: str) -> str:
 
 
 def get_case(s: Session, case_id: str, *, lock: bool = False) -> Case:
-    """The case row; `lock` holds it (PostgreSQL FOR UPDATE) so two reviewers' changes chain, never fork."""
+    """The case row; `lock` holds it (PostgreSQL FOR UPDATE) so two reviewers' changes chain, never fork.
+
+    `lock` is asked for by every label change, so it also refuses a case signed off in the web review: it is
+    read-only until reopened, from the CLI as from the browser."""
     q = s.query(Case).filter_by(case_id=case_id)
     case = (q.with_for_update() if lock else q).one_or_none()
     if case is None:
         raise CaseNotFound(f"case {case_id} not found in the database")
+    if lock and case.review_state == ReviewState.SIGNED:
+        raise CaseSigned(f"case {case_id} is signed off and read-only")
     return case
 
 

@@ -3,10 +3,16 @@ before its fix."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from conftest import PASSWORD
+from conftest import CASE_ID, PASSWORD
+from typer.testing import CliRunner
+
+from chromobatch.cli.main import app as cli_app
+from chromobatch.store import db
+from chromobatch.web import edits
 
 
 def test_login_rate_limit_holds_for_the_name_as_authenticated(web: SimpleNamespace, client: Any) -> None:
@@ -20,3 +26,32 @@ def test_login_rate_limit_holds_for_the_name_as_authenticated(web: SimpleNamespa
     for variant in ("alice ", " alice", "\talice\t"):
         r = c.post("/login", data={"username": variant, "password": PASSWORD, "csrf_token": c.csrf})
         assert r.status_code == 429, (variant, r.status_code)
+
+
+def test_cli_cannot_change_labels_of_a_signed_case(web: SimpleNamespace, tmp_path: Path) -> None:
+    """A signed case is read-only until reopened, from the CLI too: `chromobatch label`, `label --import` and
+    `review --accept` wrote reviewed labels under a sign-off (the report then showed a signature over labels
+    the signer never saw)."""
+    edits.sign_off(web.database, web.case_pk, "alice", "46,XY", "done")
+    before = _label_rows(web.database)
+    runner = CliRunner()
+    db_args = ["--db", str(web.path), "--reviewer", "carol"]
+    r = runner.invoke(cli_app, ["label", CASE_ID, "--cell", "1", "--chromosome", "1", "--as", "8", *db_args])
+    assert r.exit_code == 1 and "signed off" in r.output, r.output
+    corrections = tmp_path / "fix.csv"
+    corrections.write_text("cell,chromosome,label\n1,1,8\n")
+    r = runner.invoke(cli_app, ["label", CASE_ID, "--import", str(corrections), *db_args])
+    assert r.exit_code == 1 and "signed off" in r.output, r.output
+    r = runner.invoke(cli_app, ["review", CASE_ID, "--accept", *db_args])
+    assert r.exit_code == 1 and "signed off" in r.output, r.output
+    assert _label_rows(web.database) == before
+    # reopened, the same command works again
+    edits.reopen(web.database, web.case_pk, "alice", "one more look", admin=False)
+    r = runner.invoke(cli_app, ["label", CASE_ID, "--cell", "1", "--chromosome", "1", "--as", "8", *db_args])
+    assert r.exit_code == 0, r.output
+    assert len(_label_rows(web.database)) == len(before) + 1
+
+
+def _label_rows(database: db.Database) -> list[tuple[int, int, str]]:
+    with database.session() as s:
+        return [(r.id, r.chromosome_id, r.label) for r in s.query(db.Label).order_by(db.Label.id)]
