@@ -323,7 +323,7 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
         user, form = await posted(request)
         case_id = await run_in_threadpool(edits.sign_off, database, case_pk, user.name,
                                           str(form.get("karyotype") or ""), str(form.get("comment") or ""))
-        pdf = await run_in_threadpool(edits.rerender_report, database, case_id, opts.reports_dir)
+        pdf = await run_in_threadpool(edits.rerender_report, database, case_id, opts.reports_dir, case_pk)
         message = "signed off; the report was rendered again" if pdf else \
             "signed off; the report could not be rendered now and will be tried again"
         return done(request, f"/cases/{case_pk}", {"report": pdf is not None}, message)
@@ -333,7 +333,7 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
         user, form = await posted(request)
         case_id = await run_in_threadpool(lambda: edits.reopen(database, case_pk, user.name,
                                                                str(form.get("comment") or ""), admin=user.is_admin))
-        await run_in_threadpool(edits.rerender_report, database, case_id, opts.reports_dir)
+        await run_in_threadpool(edits.rerender_report, database, case_id, opts.reports_dir, case_pk)
         return done(request, f"/cases/{case_pk}", None, "reopened: the case can be changed again")
 
     return app

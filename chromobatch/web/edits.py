@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,8 +193,45 @@ def reopen(database: Database, case_pk: int, user: str, comment: str, *, admin: 
     return case_id
 
 
-def rerender_report(database: Database, case_id: str, reports_dir: Path) -> Path | None:
-    """The PDF again, now with the sign-off; a rendering failure is recorded and retried by the watcher."""
+#: The loggers of the code a sign-off runs to render the PDF: they name the case by its case ID (right for the
+#: batch CLI), which in the web review's log must be the database key instead.
+_REPORT_LOGGERS = ("chromobatch.service.reports", "chromobatch.report.render", "chromobatch.report.pdf",
+                   "chromobatch.report.dicom", "chromobatch.report.overlay", "chromobatch.report.view")
+_rendering: ContextVar[tuple[str, int] | None] = ContextVar("chromobatch_web_rendering", default=None)
+
+
+class _CaseIdRedactor(logging.Filter):
+    """Replaces the case ID of the report being rendered for the web (the context's) by its database key, in
+    the message and in a logged traceback; lines logged outside a web re-render pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        current = _rendering.get()
+        if current is None:
+            return True
+        case_id, case_pk = current
+        key = f"key {case_pk}"
+        message = record.getMessage()
+        if case_id in message:
+            record.msg, record.args = message.replace(case_id, key), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text and case_id in record.exc_text:
+            record.exc_text = record.exc_text.replace(case_id, key)
+        return True
+
+
+_REDACTOR = _CaseIdRedactor()
+for _name in _REPORT_LOGGERS:
+    logging.getLogger(_name).addFilter(_REDACTOR)
+
+
+def rerender_report(database: Database, case_id: str, reports_dir: Path, case_pk: int) -> Path | None:
+    """The PDF again, now with the sign-off; a rendering failure is recorded and retried by the watcher. The
+    report code's log lines name the case by `case_pk` here: no case ID in the web review's log."""
     from chromobatch.service.reports import render_and_record
 
-    return render_and_record(database, case_id, reports_dir)
+    token = _rendering.set((case_id, case_pk))
+    try:
+        return render_and_record(database, case_id, reports_dir)
+    finally:
+        _rendering.reset(token)

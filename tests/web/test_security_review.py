@@ -3,10 +3,12 @@ before its fix."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from conftest import CASE_ID, PASSWORD
 from typer.testing import CliRunner
 
@@ -55,3 +57,23 @@ def test_cli_cannot_change_labels_of_a_signed_case(web: SimpleNamespace, tmp_pat
 def _label_rows(database: db.Database) -> list[tuple[int, int, str]]:
     with database.session() as s:
         return [(r.id, r.chromosome_id, r.label) for r in s.query(db.Label).order_by(db.Label.id)]
+
+
+def test_no_log_line_of_any_logger_names_the_case_id(web: SimpleNamespace, client: Any,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The serve process logs every logger's lines, not only chromobatch.web's: sign-off and reopening
+    render the PDF again, and the report code's own log line named the case ID (test_logs_name_no_case_id
+    looked at chromobatch.web lines only)."""
+    caplog.set_level(logging.DEBUG)
+    c = client("alice")
+    h = {"Accept": "application/json", "X-CSRF-Token": c.csrf}
+    chrom = next(iter(web.chroms))
+    c.post("/search", data={"q": CASE_ID, "csrf_token": c.csrf})
+    c.post(f"/cases/{web.case_pk}/labels", data={"chromosome": chrom, "label": "7"}, headers=h)
+    r = c.post(f"/cases/{web.case_pk}/signoff", data={"karyotype": "46,XY", "comment": ""}, headers=h)
+    assert r.status_code == 200 and r.json()["report"] is True
+    r = c.post(f"/cases/{web.case_pk}/reopen", data={"comment": "again"}, headers=h)
+    assert r.status_code == 200
+    lines = [f"{r.name}: {r.getMessage()}" for r in caplog.records]
+    assert any("chromobatch.report" in line for line in lines)  # the report code did log
+    assert [line for line in lines if CASE_ID in line] == []
