@@ -115,6 +115,7 @@ class Worker:
             self.process = process_case
             if self.predictor is None:
                 self.predictor = load_predictor(self.database, self.settings, self.settings.model or None)
+                self.predictor.warm_up()  # the first case should not pay for the runtime's first pass
 
     def run(self, *, once: bool = False, scanning_done: Callable[[], bool] = lambda: True) -> None:
         """Work until stopped; with once, until nothing is queued or running any more."""
