@@ -106,6 +106,12 @@ class CaseSigned(ReviewError):
     hint = "Reopen the case first (recorded with who and why), then change it."
 
 
+class ReviewChanged(ReviewError):
+    """A sign-off over a case that another reviewer changed after the signer's page was loaded."""
+
+    hint = "Reload the case, look at the changes, then sign it off."
+
+
 class InvalidKaryotype(ReviewError):
     hint = "Write an ISCN karyotype: count,sex chromosomes[,changes], e.g. 47,XY,+21 or 46,XX."
 

@@ -34,6 +34,7 @@ from chromobatch.errors import (
     CellNotFound,
     ChromobatchError,
     ChromosomeNotFound,
+    ReviewChanged,
     ReviewError,
 )
 from chromobatch.store.db import Database
@@ -154,7 +155,7 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
         status = 400
         if isinstance(exc, CaseNotFound | CellNotFound | ChromosomeNotFound):
             status = 404
-        elif isinstance(exc, CaseSigned):
+        elif isinstance(exc, CaseSigned | ReviewChanged):
             status = 409
         return _error(request, status, str(exc))
 
@@ -321,8 +322,10 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
     @app.post("/cases/{case_pk}/signoff")
     async def sign_off(request: Request, case_pk: int) -> Response:
         user, form = await posted(request)
+        seen = form.get("seen")
         case_id = await run_in_threadpool(edits.sign_off, database, case_pk, user.name,
-                                          str(form.get("karyotype") or ""), str(form.get("comment") or ""))
+                                          str(form.get("karyotype") or ""), str(form.get("comment") or ""),
+                                          seen if isinstance(seen, str) else None)
         pdf = await run_in_threadpool(edits.rerender_report, database, case_id, opts.reports_dir, case_pk)
         message = "signed off; the report was rendered again" if pdf else \
             "signed off; the report could not be rendered now and will be tried again"

@@ -14,11 +14,20 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from chromobatch.errors import CaseNotFound, CaseSigned, CellNotFound, ChromosomeNotFound, InvalidKaryotype, ReviewError
+from chromobatch.errors import (
+    CaseNotFound,
+    CaseSigned,
+    CellNotFound,
+    ChromosomeNotFound,
+    InvalidKaryotype,
+    ReviewChanged,
+    ReviewError,
+)
 from chromobatch.review.labels import Relabel, relabel_in_session
-from chromobatch.store.db import Case, Cell, Chromosome, Database, ReviewEvent, SignOff, utcnow
+from chromobatch.store.db import Case, Cell, Chromosome, Database, Label, ReviewEvent, SignOff, utcnow
 from chromobatch.store.states import ReviewState
 
 log = logging.getLogger(__name__)
@@ -155,12 +164,30 @@ def set_karyotype(database: Database, case_pk: int, user: str, text: str, *, cel
     return value
 
 
-def sign_off(database: Database, case_pk: int, user: str, karyotype: str, comment: str) -> str:
-    """Sign a case with its final karyotype and a comment; it is read-only from then on. Returns its case ID."""
+def review_version(s: Session, case_pk: int) -> str:
+    """Where the case's review stands: the newest label row, review decision and sign-off row ids. The case
+    page sends it with its sign-off form; any label change, decision or sign-off/reopening since changes it."""
+    label = s.execute(select(func.max(Label.id)).join(Chromosome, Chromosome.id == Label.chromosome_id)
+                      .where(Chromosome.case_pk == case_pk)).scalar()
+    event = s.execute(select(func.max(ReviewEvent.id)).where(ReviewEvent.case_pk == case_pk)).scalar()
+    signoff = s.execute(select(func.max(SignOff.id)).where(SignOff.case_pk == case_pk)).scalar()
+    return f"{label or 0}.{event or 0}.{signoff or 0}"
+
+
+def sign_off(database: Database, case_pk: int, user: str, karyotype: str, comment: str,
+             seen: str | None = None) -> str:
+    """Sign a case with its final karyotype and a comment; it is read-only from then on. Returns its case ID.
+
+    `seen`: the review_version the signer's page showed (the case page's form sends it); when the case was
+    changed since (another reviewer's label, decision or sign-off), nothing is signed: the signer must look
+    at the case as it is now, not sign labels they never saw."""
     value = validate_karyotype(karyotype)
     comment = (comment or "").strip()[:MAX_COMMENT]
     with database.session() as s:
         case = _case(s, case_pk)
+        if seen is not None and seen != review_version(s, case.id):
+            raise ReviewChanged("the case was changed (labels or review decisions) after you opened this page: "
+                                "reload it, look at the changes, then sign it off")
         now = utcnow()
         s.add(SignOff(case_pk=case.id, action="signed", user_name=user, at=now, karyotype=value, comment=comment))
         if case.reviewed_karyotype != value:

@@ -40,6 +40,7 @@ from chromobatch.store.db import (
 )
 from chromobatch.store.queries import newest_labels
 from chromobatch.store.states import JobState, ReviewState
+from chromobatch.web.edits import review_version
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ class CasePage:
     signoffs: list[SignOff]
     events: list[ReviewEvent]
     report_path: str | None
+    #: edits.review_version when the page was read: the sign-off form sends it back.
+    version: str
 
 
 def _case_id(database: Database, case_pk: int) -> str:
@@ -147,6 +150,8 @@ def _case_id(database: Database, case_pk: int) -> str:
 
 
 def case_page(database: Database, case_pk: int) -> CasePage:
+    with database.session() as s:  # read before what the page shows: a change in between makes it stale
+        version = review_version(s, case_pk)
     view = load_case_view(database, _case_id(database, case_pk))
     with database.session() as s:
         case = s.get(Case, case_pk)
@@ -169,7 +174,7 @@ def case_page(database: Database, case_pk: int) -> CasePage:
                       "low": sum(c.low_confidence for c in cell.chromosomes),
                       "changed": sum(c.changed_by_review for c in cell.chromosomes),
                       "flags": [FLAG_NAMES.get(str(f), str(f)) for f in cell.summary.get("flags") or []]})
-    return CasePage(case_pk, view, state, rkt, cells, signoffs, events, report)
+    return CasePage(case_pk, view, state, rkt, cells, signoffs, events, report, version)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ before its fix."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -77,3 +78,52 @@ def test_no_log_line_of_any_logger_names_the_case_id(web: SimpleNamespace, clien
     lines = [f"{r.name}: {r.getMessage()}" for r in caplog.records]
     assert any("chromobatch.report" in line for line in lines)  # the report code did log
     assert [line for line in lines if CASE_ID in line] == []
+
+
+def _signoff_form(html: str) -> dict[str, str]:
+    form = html.split('id="signoff-form"')[1].split("</form>")[0]
+    return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form))
+
+
+def test_sign_off_refuses_changes_made_after_the_signer_opened_the_case(web: SimpleNamespace, client: Any) -> None:
+    """Alice opens the case, Bob relabels a chromosome, Alice signs: she would sign labels she never saw. The
+    case page's sign-off form carries the review state it showed; a sign-off over a newer state is refused
+    (409, nothing signed) and the reloaded page signs."""
+    alice, bob = client("alice"), client("bob")
+    form = _signoff_form(alice.get(f"/cases/{web.case_pk}").text)
+    assert form.get("seen"), "the sign-off form carries the state it showed"
+    chrom = next(iter(web.chroms))
+    r = bob.post(f"/cases/{web.case_pk}/labels", data={"chromosome": chrom, "label": "21"},
+                 headers={"Accept": "application/json", "X-CSRF-Token": bob.csrf})
+    assert r.status_code == 200
+    r = alice.post(f"/cases/{web.case_pk}/signoff", data={**form, "karyotype": "46,XY", "comment": "ok"})
+    assert r.status_code == 409 and "changed" in r.text, r.text
+    with web.database.session() as s:
+        assert s.query(db.SignOff).count() == 0
+        assert s.query(db.Case.review_state).scalar() != "signed"
+    form = _signoff_form(alice.get(f"/cases/{web.case_pk}").text)
+    r = alice.post(f"/cases/{web.case_pk}/signoff", data={**form, "karyotype": "46,XY", "comment": "ok"})
+    assert r.status_code == 303
+    with web.database.session() as s:
+        assert s.query(db.Case.review_state).scalar() == "signed"
+
+
+def test_a_token_of_another_session_is_refused_and_downloads_need_sign_in(web: SimpleNamespace,
+                                                                          client: Any) -> None:
+    """Checks that held on review (no fix needed): a CSRF token is bound to its session (another user's valid
+    token does not do), and the metaphase picture, like crops and reports, needs a signed-in user."""
+    alice, bob = client("alice"), client("bob")
+    chrom = next(iter(web.chroms))
+    r = alice.post(f"/cases/{web.case_pk}/labels", data={"chromosome": chrom, "label": "7"},
+                   headers={"Accept": "application/json", "X-CSRF-Token": bob.csrf})
+    assert r.status_code == 403 and "security token" in r.json()["error"]
+    r = alice.post(f"/cases/{web.case_pk}/signoff", data={"karyotype": "46,XY", "csrf_token": bob.csrf})
+    assert r.status_code == 403
+    with web.database.session() as s:
+        assert s.query(db.Label).filter(db.Label.source == "reviewed").count() == 0
+        assert s.query(db.SignOff).count() == 0
+    anonymous = client(None)
+    for url in (f"/cells/{web.cells[0]}/metaphase.png", f"/chromosomes/{chrom}/image.png",
+                f"/cases/{web.case_pk}/report.pdf"):
+        r = anonymous.get(url, headers={"Accept": "application/json"})
+        assert r.status_code == 401, url
