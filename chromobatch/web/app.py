@@ -40,7 +40,15 @@ from chromobatch.errors import (
 from chromobatch.store.db import Database
 from chromobatch.store.states import ReviewState
 from chromobatch.web import edits, pages
-from chromobatch.web.security import CSRF_FIELD, CSRF_HEADER, LoginLimiter, csrf_ok, csrf_token, new_token
+from chromobatch.web.security import (
+    CSRF_FIELD,
+    CSRF_HEADER,
+    EndedSessions,
+    LoginLimiter,
+    csrf_ok,
+    csrf_token,
+    new_token,
+)
 from chromobatch.web.users import UserInfo, authenticate, get_user
 
 log = logging.getLogger(__name__)
@@ -81,6 +89,7 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals["CLASSES"] = CLASSES
     limiter = LoginLimiter()
+    ended = EndedSessions(lifetime=opts.session_hours * 3600 + 60)
     app.state.database, app.state.options, app.state.limiter = database, opts, limiter
 
     @app.middleware("http")
@@ -102,8 +111,8 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
     # helpers
 
     def user_of(request: Request) -> UserInfo | None:
-        uid = request.session.get("uid")
-        if not isinstance(uid, int):
+        uid, sid = request.session.get("uid"), request.session.get("sid")
+        if not isinstance(uid, int) or not isinstance(sid, str) or ended.ended(sid):
             return None
         user = get_user(database, uid)
         if user is None or user.session_key != request.session.get("key"):
@@ -197,13 +206,14 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
             return render(request, "login.html", None, status=401, error="wrong user name or password")
         limiter.succeeded(name)
         request.session.clear()  # a new session on sign-in: no fixation
-        request.session.update({"uid": user.id, "key": user.session_key, "csrf": new_token()})
+        request.session.update({"uid": user.id, "key": user.session_key, "csrf": new_token(), "sid": new_token()})
         log.info("user %d (%s) signed in", user.id, user.name)
         return RedirectResponse("/", status_code=303)
 
     @app.post("/logout")
     async def logout(request: Request) -> Response:
         await posted(request, edit=False)
+        ended.end(str(request.session.get("sid")))  # a copy of the cookie no longer signs anyone in
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 

@@ -38,6 +38,30 @@ def csrf_ok(session: dict[str, object], presented: str | None) -> bool:
     return hmac.compare_digest(expected.encode(), presented.encode())
 
 
+class EndedSessions:
+    """Session ids ended by signing out, remembered for the session lifetime: the session cookie is signed,
+    not stored here, so a copy taken before sign-out would otherwise stay valid until it expires. In memory
+    (one serve process); a restart with a fixed CHROMOBATCH_WEB_SECRET forgets them, which the deploy docs say."""
+
+    def __init__(self, lifetime: float) -> None:
+        self.lifetime = lifetime
+        self._ended: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def end(self, sid: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._ended[sid] = now + self.lifetime
+            if len(self._ended) > 10_000:  # forget those past the lifetime (their cookies have expired)
+                for key in [k for k, until in self._ended.items() if until < now]:
+                    del self._ended[key]
+
+    def ended(self, sid: str) -> bool:
+        with self._lock:
+            until = self._ended.get(sid)
+        return until is not None and until >= time.monotonic()
+
+
 class LoginLimiter:
     """At most `per_user` failed logins per account name and `per_client` per client address within
     `window` seconds; a success clears the account's failures. In memory: one serve process (uvicorn

@@ -127,3 +127,22 @@ def test_a_token_of_another_session_is_refused_and_downloads_need_sign_in(web: S
                 f"/cases/{web.case_pk}/report.pdf"):
         r = anonymous.get(url, headers={"Accept": "application/json"})
         assert r.status_code == 401, url
+
+
+def test_a_session_cookie_copied_before_sign_out_no_longer_works(web: SimpleNamespace, client: Any) -> None:
+    """Sessions are signed cookies kept by the browser: signing out cleared this browser's cookie, but a copy
+    taken before (a shared workstation's profile, a stolen cookie) stayed signed in for the whole session
+    lifetime. Sign-out now ends the session itself (in the serving process)."""
+    from fastapi.testclient import TestClient
+
+    c = client("alice")
+    copied = c.cookies.get("chromobatch_session")
+    assert copied
+    assert c.post("/logout", data={"csrf_token": c.csrf}).status_code == 303
+    with TestClient(web.app, follow_redirects=False) as other:
+        other.cookies.set("chromobatch_session", copied)
+        assert other.get("/").status_code == 303  # to the login page
+        r = other.post(f"/cases/{web.case_pk}/karyotype", data={"karyotype": "46,XY", "csrf_token": c.csrf},
+                       headers={"Accept": "application/json"})
+        assert r.status_code == 401
+    assert client("alice").get("/").status_code == 200  # signing in again works
