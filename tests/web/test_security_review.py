@@ -146,3 +146,21 @@ def test_a_session_cookie_copied_before_sign_out_no_longer_works(web: SimpleName
                        headers={"Accept": "application/json"})
         assert r.status_code == 401
     assert client("alice").get("/").status_code == 200  # signing in again works
+
+
+def test_secure_cookies_option_marks_the_session_cookie_secure(web: SimpleNamespace) -> None:
+    """`serve --secure-cookies` (behind the TLS proxy): the session cookie carries Secure, HttpOnly and
+    SameSite=strict (held on review; the other cookie test runs without the option)."""
+    from fastapi.testclient import TestClient
+
+    from chromobatch.web.app import WebOptions, create_app
+
+    app = create_app(web.database, WebOptions(reports_dir=web.reports, secret="s", cookie_secure=True))
+    with TestClient(app, base_url="https://testserver", follow_redirects=False) as c:
+        token = re.search(r'name="csrf-token" content="([^"]+)"', c.get("/login").text)
+        assert token is not None
+        r = c.post("/login", data={"username": "vera", "password": PASSWORD, "csrf_token": token.group(1)})
+        assert r.status_code == 303
+        cookie = r.headers["set-cookie"].lower()
+    flags = {part.strip() for part in cookie.split(";")}
+    assert {"secure", "httponly", "samesite=strict"} <= flags, cookie
