@@ -112,6 +112,12 @@ class ReviewChanged(ReviewError):
     hint = "Reload the case, look at the changes, then sign it off."
 
 
+class CaseNotProcessed(ReviewError):
+    """A sign-off of a case that is not processed (yet, or being processed again, or failed)."""
+
+    hint = "Wait until the case is processed (status done), then sign it off."
+
+
 class InvalidKaryotype(ReviewError):
     hint = "Write an ISCN karyotype: count,sex chromosomes[,changes], e.g. 47,XY,+21 or 46,XX."
 

@@ -30,6 +30,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from chromobatch import CLASSES
 from chromobatch.errors import (
     CaseNotFound,
+    CaseNotProcessed,
     CaseSigned,
     CellNotFound,
     ChromobatchError,
@@ -164,7 +165,7 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
         status = 400
         if isinstance(exc, CaseNotFound | CellNotFound | ChromosomeNotFound):
             status = 404
-        elif isinstance(exc, CaseSigned | ReviewChanged):
+        elif isinstance(exc, CaseSigned | ReviewChanged | CaseNotProcessed):
             status = 409
         return _error(request, status, str(exc))
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from chromobatch.errors import (
     CaseNotFound,
+    CaseNotProcessed,
     CaseSigned,
     CellNotFound,
     ChromosomeNotFound,
@@ -28,7 +29,7 @@ from chromobatch.errors import (
 )
 from chromobatch.review.labels import Relabel, relabel_in_session
 from chromobatch.store.db import Case, Cell, Chromosome, Database, Label, ReviewEvent, SignOff, utcnow
-from chromobatch.store.states import ReviewState
+from chromobatch.store.states import CaseStatus, ReviewState
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,9 @@ def sign_off(database: Database, case_pk: int, user: str, karyotype: str, commen
     comment = (comment or "").strip()[:MAX_COMMENT]
     with database.session() as s:
         case = _case(s, case_pk)
+        if case.status != CaseStatus.DONE:
+            raise CaseNotProcessed(f"the case is {case.status}, not processed: there is no finished karyogram to "
+                                   "sign off")
         if seen is not None and seen != review_version(s, case.id):
             raise ReviewChanged("the case was changed (labels or review decisions) after you opened this page: "
                                 "reload it, look at the changes, then sign it off")

@@ -164,3 +164,17 @@ def test_secure_cookies_option_marks_the_session_cookie_secure(web: SimpleNamesp
         cookie = r.headers["set-cookie"].lower()
     flags = {part.strip() for part in cookie.split(";")}
     assert {"secure", "httponly", "samesite=strict"} <= flags, cookie
+
+
+@pytest.mark.parametrize("status", ["received", "ingested", "processing", "failed"])
+def test_only_a_processed_case_can_be_signed(web: SimpleNamespace, client: Any, status: str) -> None:
+    """A signature covers the karyograms the signer looked at: a case still being processed (a later delivery
+    the watcher is adding), not processed yet, or failed has none to sign (it was signed all the same)."""
+    with web.database.session() as s:
+        s.query(db.Case).filter(db.Case.id == web.case_pk).update({"status": status})
+    c = client("alice")
+    r = c.post(f"/cases/{web.case_pk}/signoff", data={"karyotype": "46,XY", "comment": ""},
+               headers={"Accept": "application/json", "X-CSRF-Token": c.csrf})
+    assert r.status_code == 409 and status in r.json()["error"], r.text
+    with web.database.session() as s:
+        assert s.query(db.SignOff).count() == 0
