@@ -292,6 +292,8 @@ def create_app(database: Database, options: WebOptions | None = None) -> FastAPI
                 pk = int(str(cid))
             except ValueError:
                 raise ReviewError(f"not a chromosome key: {str(cid)[:20]!r}") from None
+            if pk in wanted:
+                raise ReviewError("a swap names two different chromosomes, not the same one twice")
             wanted[pk] = str(lab)
             if k < len(seen):
                 text = str(seen[k]).strip()

@@ -178,3 +178,15 @@ def test_only_a_processed_case_can_be_signed(web: SimpleNamespace, client: Any, 
     assert r.status_code == 409 and status in r.json()["error"], r.text
     with web.database.session() as s:
         assert s.query(db.SignOff).count() == 0
+
+
+def test_a_swap_names_two_different_chromosomes(web: SimpleNamespace, client: Any) -> None:
+    """A swap posted with the same chromosome twice (labels 1 and 8) kept only the last label silently; it is a
+    bad request now and writes nothing."""
+    c = client("alice")
+    chrom = next(iter(web.chroms))
+    r = c.post(f"/cases/{web.case_pk}/labels", data={"chromosome": [chrom, chrom], "label": ["1", "8"]},
+               headers={"Accept": "application/json", "X-CSRF-Token": c.csrf})
+    assert r.status_code == 400 and "twice" in r.json()["error"], r.text
+    with web.database.session() as s:
+        assert s.query(db.Label).filter(db.Label.source == "reviewed").count() == 0
