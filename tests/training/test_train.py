@@ -264,7 +264,8 @@ def test_init_from_at_another_input_size_with_frozen_layers(tmp_path: Path) -> N
     first = train(tiny_config(steps=4, val_every=1000, scale=0.5), recs, tmp_path / "first", progress=False)
     start = load_file(str(first.model_dir / "model.safetensors"))
     # parameters only: BatchNorm's running statistics still adapt in a frozen layer
-    frozen = sorted(k for k in start if k.startswith("backbone.conv1") and "running_" not in k and "num_batches" not in k)
+    frozen = sorted(k for k in start
+                    if k.startswith("backbone.conv1") and "running_" not in k and "num_batches" not in k)
     assert frozen
     res = train(tiny_config(steps=3, val_every=1000, input_size=48, init_from=str(first.model_dir),
                             freeze=("backbone.conv1", " ")), recs, tmp_path / "warm", progress=False)  # fmt: skip
