@@ -97,8 +97,11 @@ def assign_validation(keys: set[str], val_fraction: float, salt: str = "") -> se
 
 
 def build_training_set(database: Database, *, val_fraction: float = 0.2, salt: str = "",
-                       signed_only: bool = False) -> TrainingSet:
+                       signed_only: bool = False, polarity: str | None = None) -> TrainingSet:
     """Every chromosome whose newest label is reviewed or imported, decoded, split by patient.
+
+    polarity: only chromosomes delivered with it (dark_on_light: G-band), so that the model of one stain is
+    never trained on the other's crops; None: all.
 
     signed_only: only the cases a reviewer signed off in the web review (their imported labels too); objects
     a reviewer marked "not a chromosome" never train.
@@ -117,6 +120,8 @@ def build_training_set(database: Database, *, val_fraction: float = 0.2, salt: s
              .order_by(Chromosome.id))
         if signed_only:
             q = q.join(Case, Case.id == Chromosome.case_pk).where(Case.review_state == ReviewState.SIGNED)
+        if polarity is not None:
+            q = q.where(Chromosome.polarity == polarity)
         if database.dialect == "postgresql":
             # A streamed (server-side) cursor is planned for its first rows by default, which picks a plan
             # ~100x slower for reading them all; we read them all.
@@ -313,7 +318,9 @@ def _take_lock(database: Database, opts: RetrainOptions) -> tuple[TrainingLock |
 def _database_training_set(database: Database, opts: RetrainOptions) -> TrainingSet:
     """The training set, refused when it cannot train: nothing labelled, or a class missing (every step
     needs one image of each class)."""
-    data = build_training_set(database, val_fraction=opts.val_fraction, salt=opts.salt, signed_only=opts.signed_only)
+    # nightly retraining trains (and promotes) the G-band model: Q-band crops would teach it the wrong stain
+    data = build_training_set(database, val_fraction=opts.val_fraction, salt=opts.salt, signed_only=opts.signed_only,
+                              polarity="dark_on_light")
     if not data.train:
         raise DataError("no labelled chromosomes to train on" + (" in signed-off cases" if opts.signed_only else ""),
                         hint="Import labels (labels.csv) or review cases (`chromobatch review --accept`).")

@@ -142,3 +142,21 @@ def test_an_explicit_model_reads_every_stain(sqlite_path: Path, tmp_path: Path, 
     for style in "GQ":
         process_case(database, cases[style], predictor=predictor, settings=settings)
     assert _read_by(database, "CASEG") == _read_by(database, "CASEQ") == {predictor.version_id} != {q.id}
+
+
+def test_g_band_retraining_leaves_q_band_crops_out(sqlite_path: Path, cases: dict[str, Path]) -> None:
+    """Nightly retraining trains the G-band model: labelled Q-band chromosomes must not be in its data."""
+    from chromobatch.intake.ingest import ingest_case
+    from chromobatch.registry.retrain import build_training_set
+
+    database = db.connect(sqlite_path)
+    for style in "GQ":
+        ingest_case(database, cases[style])  # labels.csv: imported labels
+    every = build_training_set(database, val_fraction=0.0)
+    g_only = build_training_set(database, val_fraction=0.0, polarity="dark_on_light")
+    assert len(every.train) + len(every.val) == 92
+    assert len(g_only.train) + len(g_only.val) == 46
+    with database.session() as s:
+        polarities = {p for (p,) in s.query(db.Chromosome.polarity).filter(
+            db.Chromosome.id.in_([int(r.source.split(":")[1]) for r in g_only.train + g_only.val]))}
+    assert polarities == {"dark_on_light"}
