@@ -181,10 +181,11 @@ def evaluate(seg: LearnedSegmenter, items: list[Annotated],
 
 def tune_postprocess(seg: LearnedSegmenter, items: list[Annotated]) -> dict[str, Any]:
     """Choose the thresholds on validation images (network run once), one at a time (core threshold, seed
-    size, foreground threshold, fragment merging): by F1, then count error."""
+    size, foreground threshold, fragment merging, smallest object, cluster size): by F1, then count error."""
     prepared = [seg.prepare(a.grey) for a in items]
     grid: dict[str, tuple[float, ...]] = {"core_threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "min_seed": (3, 6, 12),
-                                          "fg_threshold": (0.4, 0.5, 0.6), "merge_small": (0.0, 0.2, 0.35)}
+                                          "fg_threshold": (0.4, 0.5, 0.6), "merge_small": (0.0, 0.2, 0.35),
+                                          "min_area": (25, 50, 80), "cluster_factor": (2.5, 3.0)}
     chosen = dict(seg.post)
     for key, values in grid.items():
         best: tuple[float, float] | None = None
