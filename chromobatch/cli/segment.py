@@ -22,7 +22,8 @@ def segment_train(
                                        "with labelme polygons, e.g. the bioimlab-metaphase folder.")],
     out: Annotated[Path, typer.Option("--out", help="Model folder to write (model.safetensors + model.json).")],
     steps: Annotated[int, typer.Option(help="Training steps (batches of random crops).")] = 3000,
-    synth: Annotated[int, typer.Option("--synth", help="Synthetic G-band spreads to render and mix in (0: none).")]
+    synth: Annotated[int, typer.Option("--synth", help="Synthetic G-band spreads to render (under OUT/synth, "
+                                       "reused if there) and mix in (0: none).")]
     = 0,
     minutes: Annotated[float | None, typer.Option("--minutes", help="Wall-clock budget; stops early.")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads (keep low on a shared machine).")] = 1,
