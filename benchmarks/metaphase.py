@@ -51,7 +51,7 @@ def write_metaphase_case(root: Path, name: str, cells: int, seed: int) -> tuple[
 
 
 def time_segmenter(name: str, images: list[np.ndarray]) -> dict[str, float]:
-    seg = load_segmenter(name)
+    seg = load_segmenter(name, threads=1)  # as the pipeline loads it
     seg.segment(images[0])  # warm-up
     times = []
     for img in images:

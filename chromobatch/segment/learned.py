@@ -131,12 +131,16 @@ class LearnedSegmenter:
     @torch.no_grad()
     def probabilities(self, grey: np.ndarray) -> np.ndarray:
         """(2, H, W) float32: foreground and core probabilities for a normalised uint8 image."""
-        if self.threads:
+        previous = torch.get_num_threads()
+        if self.threads:  # for this forward pass only: the classifier in the same process keeps its own
             torch.set_num_threads(self.threads)
-        x = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float32) / 255.0)[None, None]
-        x = (x - 0.5) / 0.25
-        x, (h, w) = pad_to_stride(x, self.net.stride)
-        out = torch.sigmoid(self.net(x))[0, :, :h, :w]
+        try:
+            x = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float32) / 255.0)[None, None]
+            x = (x - 0.5) / 0.25
+            x, (h, w) = pad_to_stride(x, self.net.stride)
+            out = torch.sigmoid(self.net(x))[0, :, :h, :w]
+        finally:
+            torch.set_num_threads(previous)
         return out.numpy()
 
     def instances_from(self, probs: np.ndarray, nuclei: np.ndarray | None = None) -> list[Instance]:

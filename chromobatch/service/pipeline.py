@@ -190,7 +190,9 @@ def default_segmenter(name: str) -> Segmenter:
 
     if not name:
         name = "default" if (DEFAULT_DIR / "model.safetensors").is_file() else "classical"
-    segmenter = load_segmenter(name)
+    # One thread: the compact U-Net gains little from a second core and loses much when the cores are shared
+    # (0.56-0.61 s per 768 x 576 image on one thread, up to 10x slower on two under load; models/segmenter).
+    segmenter = load_segmenter(name, threads=1)
     log.info("segmenter for whole metaphases: %s %s", segmenter.name, segmenter.version)
     return segmenter
 
