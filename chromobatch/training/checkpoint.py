@@ -127,5 +127,6 @@ def init_summary(init: LoadedModel) -> dict[str, Any]:
     tr = init.meta.get("training", {})
     prior = tr.get("init_from")
     steps = int(tr.get("step", 0)) + (int(prior.get("total_steps", 0)) if isinstance(prior, dict) else 0)
-    return {"folder": str(init.folder), "name": init.meta.get("name"), "sha256": init.sha256,
+    return {"folder": str(init.folder), "name": init.meta.get("name"), "stain": init.meta.get("stain"),
+            "sha256": init.sha256,
             "steps": tr.get("step"), "total_steps": steps, "metrics": init.meta.get("metrics", {})}

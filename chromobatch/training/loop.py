@@ -443,7 +443,9 @@ def _checkpoint(run: _Run, done: int) -> None:
 def _model_meta(run: _Run, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
     """model.json of the model at `step`: architecture, preprocessing, how it was trained, on what data."""
     cfg = run.cfg
+    stain = (run.init_info or {}).get("stain")  # a fine-tuned model reads the stain its starting point read
     return {
+        **({"stain": stain} if stain else {}),
         "backbone": cfg.backbone,
         "embed_dim": cfg.embed_dim,
         "preprocess": run.spec.to_dict(),

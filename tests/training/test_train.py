@@ -274,6 +274,13 @@ def test_init_from_at_another_input_size_with_frozen_layers(tmp_path: Path) -> N
     assert not torch.allclose(warm["embed.weight"], start["embed.weight"])
     meta = json.loads((res.model_dir / "model.json").read_text())
     assert meta["preprocess"]["input_size"] == 48 and meta["training"]["config"]["freeze"] == ["backbone.conv1"]
+    assert "stain" not in meta  # none recorded at the start: none here (G-band)
+    from chromobatch.ml.folders import update_meta
+
+    update_meta(res.model_dir, lambda m: m.update(stain="Q"))
+    again = train(tiny_config(steps=1, val_every=1000, input_size=48, init_from=str(res.model_dir)), recs,
+                  tmp_path / "again", progress=False)  # fmt: skip
+    assert json.loads((again.model_dir / "model.json").read_text())["stain"] == "Q"  # inherited
     with pytest.raises(ConfigError, match="no parameter name starts with"):
         train(tiny_config(steps=1, freeze=("nothing.",)), recs, tmp_path / "x", progress=False)
 
