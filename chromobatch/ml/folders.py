@@ -100,19 +100,26 @@ def update_meta(folder: str | Path, change: Callable[[dict[str, Any]], object]) 
     return meta
 
 
-def read_meta(folder: str | Path) -> dict[str, Any]:
-    """model.json of a model folder, checked enough to rebuild the network."""
-    path = Path(folder) / META
+def read_json_meta(path: Path, *, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """A model folder's JSON description with its format and version checked: shared by the classifier's
+    folders (here) and the segmenter's (chromobatch.segment.learned), so both refuse the same way."""
     if not path.is_file():
-        raise ModelError(f"{path}: missing (a model folder holds {WEIGHTS} + {META})")
+        raise ModelError(f"{path}: missing (a {what} folder holds {WEIGHTS} + {META})")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelError(f"{path}: not a chromobatch model description (format != {FORMAT!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ModelError(f"{path}: not a chromobatch {what} description (format != {fmt!r})")
+    if int(meta.get("format_version", 0)) > version:
         raise ModelError(f"{path}: format version {meta['format_version']} is newer than this chromobatch")
+    return meta
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """model.json of a model folder, checked enough to rebuild the network."""
+    path = Path(folder) / META
+    meta = read_json_meta(path, fmt=FORMAT, version=FORMAT_VERSION, what="model")
     for key in ("backbone", "embed_dim", "preprocess", "classes"):
         if key not in meta:
             raise ModelError(f"{path}: lacks {key!r}")

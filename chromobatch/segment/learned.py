@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 import chromobatch
 from chromobatch.errors import ModelError
 from chromobatch.files import atomic_write
+from chromobatch.ml.folders import read_json_meta
 from chromobatch.segment.base import Instance
 from chromobatch.segment.objects import flag_clusters, is_nucleus, regions_to_instances
 from chromobatch.segment.unet import UNet, pad_to_stride
@@ -79,16 +80,7 @@ def save_segmenter(net: UNet, meta: dict[str, Any], folder: str | Path) -> Path:
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / META
-    if not path.is_file():
-        raise ModelError(f"{path}: missing (a segmenter folder holds {WEIGHTS} + {META})")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelError(f"{path}: not a chromobatch segmenter description (format != {FORMAT!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ModelError(f"{path}: format version {meta['format_version']} is newer than this chromobatch")
+    meta = read_json_meta(path, fmt=FORMAT, version=FORMAT_VERSION, what="segmenter")
     if not isinstance(meta.get("channels"), list) or not meta["channels"]:
         raise ModelError(f"{path}: lacks 'channels' (the U-Net's widths)")
     return meta

@@ -20,9 +20,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
+from browser import drag
 from conftest import CASE_ID, PASSWORD, copy_sqlite
 from typer.testing import CliRunner
 
@@ -74,28 +74,6 @@ def server(template_db: Path, tmp_path: Path) -> Iterator[SimpleNamespace]:
             proc.kill()
             proc.wait()
         log.close()
-
-
-def wait_for_images(page: Any, timeout: float = 30.0) -> None:
-    """Until every image of the page has loaded (polled from here: the page's CSP forbids the string
-    evaluation wait_for_function polls with)."""
-    deadline = time.monotonic() + timeout
-    while not page.evaluate("() => Array.from(document.images).every(i => i.complete)"):
-        assert time.monotonic() < deadline, "images did not load"
-        time.sleep(0.1)
-
-
-def drag(page: Any, source: Any, target: Any) -> None:
-    """HTML5 drag and drop with the mouse, in small steps, once every thumbnail has loaded (Playwright's
-    drag_to sometimes starts no drag on a small image still loading on a busy machine)."""
-    wait_for_images(page)
-    a, b = source.bounding_box(), target.bounding_box()
-    assert a is not None and b is not None
-    page.mouse.move(a["x"] + a["width"] / 2, a["y"] + a["height"] / 2)
-    page.mouse.down()
-    page.mouse.move(a["x"] + a["width"] / 2 + 4, a["y"] + a["height"] / 2 + 4, steps=4)
-    page.mouse.move(b["x"] + b["width"] / 2, b["y"] + b["height"] / 2, steps=12)
-    page.mouse.up()
 
 
 def _slot_of(page: object, chrom_id: str) -> str:
