@@ -80,7 +80,7 @@ def review(
     db: DbOpt = None,
 ) -> None:
     """List a case's chromosomes with their numbers and labels, or accept its predictions (--accept)."""
-    from chromobatch.review.labels import accept_predictions, chromosome_overview, files_not_used
+    from chromobatch.review.labels import accept_predictions, chromosome_overview, files_not_used, metaphase_counts
     from chromobatch.store.db import connect
 
     cfg = settings(db=db, reviewer=reviewer)
@@ -91,6 +91,9 @@ def review(
         for ref, current, source in chromosome_overview(database, case_id):
             typer.echo(f"cell {ref.cell_number} ({ref.cell}) #{ref.number:<3} {ref.source_file:<32} "
                        f"{current or '-':>2}  {source or 'unlabelled'}")
+        for number, cell, file, count, clusters in metaphase_counts(database, case_id):
+            typer.echo(f"cell {number} ({cell}): {count} chromosomes counted in {file}"
+                       + (f", {clusters} cluster(s) kept whole for review" if clusters else ""))
         not_used = files_not_used(database, case_id)
         if not_used:
             typer.secho(f"files not used ({len(not_used)}): a chromosome missing from a cell may be one of them",

@@ -116,17 +116,29 @@ def get_case(s: Session, case_id: str, *, lock: bool = False) -> Case:
     return case
 
 
+def metaphase_counts(database: Database, case_id: str) -> list[tuple[int, str, str, int, int]]:
+    """For each cell cut from a whole metaphase: (cell number, cell, its file, chromosomes counted, clusters
+    flagged for review); a count is a result of its own, shown before the labels are."""
+    with database.session() as s:
+        case = get_case(s, case_id)
+        cells = s.query(Cell).filter(Cell.case_pk == case.id).order_by(Cell.index, Cell.id).all()
+        return [(number, c.name, c.source_file or "", int(c.count or 0),
+                 len((c.segmentation or {}).get("clusters") or []))
+                for number, c in enumerate(cells, start=1) if c.source_sha256 is not None]
+
+
 def case_chromosomes(s: Session, case: Case) -> list[ChromosomeRef]:
     """Every chromosome of a case with its cell number and its number within the cell (the stable order)."""
     cells = s.query(Cell).filter(Cell.case_pk == case.id).order_by(Cell.index, Cell.id).all()
-    rows = (s.query(Chromosome.id, Chromosome.cell_id, Chromosome.source_file)
+    rows = (s.query(Chromosome.id, Chromosome.cell_id, Chromosome.source_file, Chromosome.instance)
             .filter(Chromosome.case_pk == case.id).all())
-    by_cell: dict[int, list[tuple[str, int]]] = {}
-    for cid, cell_id, source in rows:
-        by_cell.setdefault(cell_id, []).append((source, cid))
+    by_cell: dict[int, list[tuple[int, str, int]]] = {}
+    for cid, cell_id, source, instance in rows:
+        # crops by file name; chromosomes cut from a metaphase by their instance number (cell01.png#2 before #10)
+        by_cell.setdefault(cell_id, []).append((instance or 0, source, cid))
     out: list[ChromosomeRef] = []
     for cell_number, cell in enumerate(cells, start=1):
-        for number, (source, cid) in enumerate(sorted(by_cell.get(cell.id, [])), start=1):
+        for number, (_, source, cid) in enumerate(sorted(by_cell.get(cell.id, [])), start=1):
             out.append(ChromosomeRef(cid, cell.name, cell_number, number, source))
     return out
 

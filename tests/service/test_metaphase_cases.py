@@ -158,6 +158,9 @@ def test_images_that_are_not_metaphases_are_rejected_and_the_rest_goes_on(tmp_pa
     assert stored == result.rejected
     out = CliRunner().invoke(app, ["review", "META2", "--db", str(sqlite_path)])
     assert out.exit_code == 0 and "cell04/metaphase.png" in out.output and "karyogram sheet" in out.output
+    for cell, n in truth.items():  # the count per cell, and chromosomes numbered by instance (#2 before #10)
+        assert f"({cell}): {n} chromosomes counted in {cell}/metaphase.png" in out.output
+        assert f"({cell}) #10  {cell}/metaphase.png#10 " in out.output
     database.dispose()
 
 
