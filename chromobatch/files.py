@@ -7,10 +7,15 @@ file_mode setting sets the umask for a whole command (chromobatch.cli).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from chromobatch.errors import ModelError
 
 
 def current_umask() -> int:
@@ -60,3 +65,29 @@ def atomic_write(path: Path, data: bytes | str | Callable[[Path], object], *, mo
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def sha256_file(path: Path) -> str:
+    """A file's checksum, read in 1 MiB chunks (model weights, converted models)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json_meta(path: Path, *, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """A model folder's model.json with its format and version checked: shared by the classifier's folders
+    (chromobatch.ml.folders) and the segmenter's (chromobatch.segment.learned), which refuse the same way;
+    here, not in ml, so that loading a segmenter does not import timm."""
+    if not path.is_file():
+        raise ModelError(f"{path}: missing (a {what} folder holds model.safetensors + {path.name})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ModelError(f"{path}: not a chromobatch {what} description (format != {fmt!r})")
+    if int(meta.get("format_version", 0)) > version:
+        raise ModelError(f"{path}: format version {meta['format_version']} is newer than this chromobatch")
+    return meta

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 import chromobatch
 from chromobatch import CLASSES, NUM_CLASSES
 from chromobatch.errors import ModelError
-from chromobatch.files import atomic_write
+from chromobatch.files import atomic_write, read_json_meta, sha256_file
 from chromobatch.ml.factory import ChromosomeNet, create_model
 from chromobatch.ml.forward import Engine, forward_batch, forward_canvases
 from chromobatch.ml.preprocess import PreprocessSpec, render, to_tensor
@@ -35,14 +35,6 @@ WEIGHTS = "model.safetensors"
 META = "model.json"
 FORMAT = "chromobatch-model"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_model(net: ChromosomeNet, meta: dict[str, Any], folder: str | Path, *, half: bool = False) -> Path:
@@ -97,22 +89,6 @@ def update_meta(folder: str | Path, change: Callable[[dict[str, Any]], object]) 
     meta = read_meta(folder)
     change(meta)
     _write_meta(Path(folder), meta)
-    return meta
-
-
-def read_json_meta(path: Path, *, fmt: str, version: int, what: str) -> dict[str, Any]:
-    """A model folder's JSON description with its format and version checked: shared by the classifier's
-    folders (here) and the segmenter's (chromobatch.segment.learned), so both refuse the same way."""
-    if not path.is_file():
-        raise ModelError(f"{path}: missing (a {what} folder holds {WEIGHTS} + {META})")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise ModelError(f"{path}: not a chromobatch {what} description (format != {fmt!r})")
-    if int(meta.get("format_version", 0)) > version:
-        raise ModelError(f"{path}: format version {meta['format_version']} is newer than this chromobatch")
     return meta
 
 

@@ -43,7 +43,7 @@ import torch
 
 import chromobatch
 from chromobatch.errors import ConfigError, ModelError
-from chromobatch.files import atomic_write
+from chromobatch.files import atomic_write, sha256_file
 from chromobatch.ml.folders import LoadedModel
 from chromobatch.ml.forward import Engine, TorchEngine, forward_batch
 from chromobatch.ml.preprocess import to_tensor
@@ -136,14 +136,6 @@ def cache_root(setting: str = "") -> Path:
     return Path(base) / "chromobatch"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _onnx_key(model: LoadedModel) -> dict[str, Any]:
     return {"model_sha256": model.sha256, "input_size": model.spec.input_size, "converter": CONVERTER_VERSION,
             "torch": torch.__version__}
@@ -177,7 +169,7 @@ def converted_onnx(model: LoadedModel, cache_dir: str | Path = "") -> Path:
         except (OSError, ValueError):
             key = {}
         if isinstance(key, dict) and all(key.get(k) == v for k, v in want.items()) \
-                and key.get("file_sha256") == _sha256(path):
+                and key.get("file_sha256") == sha256_file(path):
             return path
         log.warning("cached %s does not match model %s (key or content differs); converting again", path,
                     model.sha256[:12])
@@ -186,7 +178,7 @@ def converted_onnx(model: LoadedModel, cache_dir: str | Path = "") -> Path:
     tmp = folder / f".{ONNX_FILE}.{os.getpid()}.tmp"
     try:
         export_onnx(model, tmp)
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
         os.replace(tmp, path)
     except Exception as exc:
         tmp.unlink(missing_ok=True)

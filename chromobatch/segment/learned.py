@@ -15,7 +15,6 @@ are mapped back to the original pixels.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -30,8 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import chromobatch
 from chromobatch.errors import ModelError
-from chromobatch.files import atomic_write
-from chromobatch.ml.folders import read_json_meta
+from chromobatch.files import atomic_write, read_json_meta, sha256_file
 from chromobatch.segment.base import Instance
 from chromobatch.segment.objects import flag_clusters, is_nucleus, regions_to_instances
 from chromobatch.segment.unet import UNet, pad_to_stride
@@ -49,15 +47,6 @@ POSTPROCESS = {"fg_threshold": 0.5, "core_threshold": 0.5, "min_seed": 6, "min_a
 
 #: An image is resized only when its chromosomes are this much wider or narrower than in training.
 SCALE_TOLERANCE = 1.4
-
-
-def sha256_file(path: Path) -> str:
-    """The weights' checksum (hashlib here: importing ml.folders would pull in timm, seconds of start-up)."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_net(meta: dict[str, Any]) -> UNet:

@@ -22,6 +22,7 @@ from helpers import chromosome_array
 
 from chromobatch.config import load_settings
 from chromobatch.errors import ConfigError
+from chromobatch.files import sha256_file
 from chromobatch.ml import runtime as rt
 from chromobatch.ml.folders import load_model
 from chromobatch.ml.forward import TorchEngine, forward_batch
@@ -116,7 +117,7 @@ def test_converted_model_is_cached_by_checksum_and_never_trusted_when_its_key_di
     path = rt.converted_onnx(lm, cache)
     assert path == cache / lm.sha256 / "model.onnx"
     key = json.loads((path.parent / "key.json").read_text())
-    assert key["model_sha256"] == lm.sha256 and key["file_sha256"] == rt._sha256(path)
+    assert key["model_sha256"] == lm.sha256 and key["file_sha256"] == sha256_file(path)
     assert caplog.text.count("converted model") == 1
     rt.converted_onnx(lm, cache)  # found, not converted again
     assert caplog.text.count("converted model") == 1
@@ -136,7 +137,7 @@ def test_converted_model_is_cached_by_checksum_and_never_trusted_when_its_key_di
     other.sha256 = "f" * 64
     (cache / other.sha256).mkdir()
     (cache / other.sha256 / "model.onnx").write_bytes(good)
-    (cache / other.sha256 / "key.json").write_text(json.dumps(dict(key, file_sha256=rt._sha256(path))))
+    (cache / other.sha256 / "key.json").write_text(json.dumps(dict(key, file_sha256=sha256_file(path))))
     rt.converted_onnx(other, cache)
     assert caplog.text.count("converted model") == 4
 
