@@ -91,3 +91,18 @@ def read_json_meta(path: Path, *, fmt: str, version: int, what: str) -> dict[str
     if int(meta.get("format_version", 0)) > version:
         raise ModelError(f"{path}: format version {meta['format_version']} is newer than this chromobatch")
     return meta
+
+
+def load_weights(folder: Path, what: str) -> dict[str, Any]:
+    """model.safetensors of a model folder as CPU tensors (never a pickle); ModelError names the file.
+    Shared by the classifier's and the segmenter's folders."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise ModelError(f"{path}: missing (a {what} folder holds {path.name} + model.json)")
+    try:
+        return dict(load_file(str(path), device="cpu"))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path}: corrupt or not a safetensors file: {exc}") from exc

@@ -9,7 +9,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import PG_ADMIN_URL, PG_HOST, PG_PORT, Watcher, chromosome_array, pg_reachable, write_png
+from helpers import (
+    PG_ADMIN_URL,
+    PG_HOST,
+    PG_PORT,
+    Watcher,
+    pg_reachable,
+    write_labelled_case,
+)
 
 
 @pytest.fixture
@@ -39,15 +46,7 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture
 def simple_case(tmp_path: Path) -> Path:
     """A two-cell PNG case with labels.csv."""
-    case = tmp_path / "CASE001"
-    rows = ["file,label"]
-    for c in range(2):
-        for k, (length, label) in enumerate([(60, "1"), (58, "1"), (25, "21"), (24, "Y")]):
-            rel = f"cell{c + 1:02d}/c{k:02d}.png"
-            write_png(case / rel, chromosome_array(length, 10, seed=c * 10 + k))
-            rows.append(f"{rel},{label}")
-    (case / "labels.csv").write_text("\n".join(rows) + "\n")
-    return case
+    return write_labelled_case(tmp_path / "CASE001", 2, [(60, "1"), (58, "1"), (25, "21"), (24, "Y")])
 
 
 @pytest.fixture(scope="session")

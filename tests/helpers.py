@@ -54,6 +54,18 @@ def write_png(path: Path, arr: np.ndarray) -> Path:
     return path
 
 
+def write_labelled_case(case: Path, cells: int, chromosomes: list[tuple[int, str]]) -> Path:
+    """CASE/cellNN/cKK.png for each (length, label) in every cell, and the labels.csv naming them."""
+    rows = ["file,label"]
+    for c in range(cells):
+        for k, (length, label) in enumerate(chromosomes):
+            rel = f"cell{c + 1:02d}/c{k:02d}.png"
+            write_png(case / rel, chromosome_array(length, 10, seed=c * 10 + k))
+            rows.append(f"{rel},{label}")
+    (case / "labels.csv").write_text("\n".join(rows) + "\n")
+    return case
+
+
 def write_dicom(path: Path, arr: np.ndarray, *, series_uid: str, series_number: int = 1,
                 patient_id: str = "FAKE-0001", photometric: str = "MONOCHROME2", bits: int = 8,
                 instance: int = 1, study_uid: str = "1.2.826.0.1.3680043.8.498.1") -> Path:

@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import chromobatch
 from chromobatch import CLASSES, NUM_CLASSES
 from chromobatch.errors import ModelError
-from chromobatch.files import atomic_write, read_json_meta, sha256_file
+from chromobatch.files import atomic_write, load_weights, read_json_meta, sha256_file
 from chromobatch.ml.factory import ChromosomeNet, create_model
 from chromobatch.ml.forward import Engine, forward_batch, forward_canvases
 from chromobatch.ml.preprocess import PreprocessSpec, render, to_tensor
@@ -207,12 +206,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
     meta = read_meta(folder)
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     wpath = folder / WEIGHTS
-    if not wpath.is_file():
-        raise ModelError(f"{wpath}: missing (a model folder holds {WEIGHTS} + {META})")
-    try:
-        state = load_file(str(wpath), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{wpath}: corrupt or not a safetensors file: {exc}") from exc
+    state = load_weights(folder, "model")
     net = create_model(
         meta["backbone"],
         embed_dim=int(meta["embed_dim"]),

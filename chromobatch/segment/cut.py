@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from chromobatch.intake.imaging import encode_png
+from chromobatch.intake.imaging import ImageRejected, encode_png
 from chromobatch.intake.metaphase import MIN_CHROMOSOMES
 from chromobatch.intake.scan import Accepted, CellSource, Metaphase, ScannedCase
 from chromobatch.ml.geometry import upright
@@ -75,10 +75,8 @@ def reading_order(instances: list[Instance]) -> list[Instance]:
 def cut_metaphase(m: Metaphase, segmenter: Segmenter) -> tuple[list[Accepted], CellSource]:
     """Segment one metaphase into accepted chromosomes (and clusters, flagged) and what its cell keeps.
 
-    Raises ImageRejected (via the caller's handling) when nothing chromosome-like is found.
+    Raises ImageRejected when fewer than MIN_CHROMOSOMES chromosomes are found (clusters by their estimate).
     """
-    from chromobatch.intake.imaging import ImageRejected
-
     instances = reading_order(segmenter.segment(m.grey))
     found = sum(max(1, int(i.cluster)) for i in instances)
     if found < MIN_CHROMOSOMES:
@@ -95,8 +93,7 @@ def cut_metaphase(m: Metaphase, segmenter: Segmenter) -> tuple[list[Accepted], C
                                  crop=instance_crop(m.grey, inst), polarity=m.polarity, cell_order=m.order,
                                  instance=number, box=[int(v) for v in inst.box], polygon=polygon_of(inst),
                                  flags=flags))
-    count = sum(max(1, int(i.cluster)) for i in instances)
-    source = CellSource(file=m.file, sha256=m.sha256, image_png=encode_png(m.grey), count=count,
+    source = CellSource(file=m.file, sha256=m.sha256, image_png=encode_png(m.grey), count=found,
                         segmentation={"segmenter": f"{segmenter.name} {segmenter.version}",
                                       "instances": len(instances), "clusters": clusters,
                                       "count_is_estimate": bool(clusters)})
@@ -107,16 +104,12 @@ def cut_case(scanned: ScannedCase, segmenter: Segmenter, *, stored: Collection[s
     """Cut every metaphase of a scanned case into scanned.accepted; a metaphase whose file hash is in
     `stored` (already segmented and stored for this case) is not cut again, so a re-run adds nothing.
     A metaphase that yields nothing is moved to scanned.rejected with the reason. Returns how many were cut."""
-    from chromobatch.intake.imaging import ImageRejected
-
     cut = 0
     todo = [m for m in scanned.metaphases if m.sha256 not in stored]
     if todo:
         log.info("case %s: segmenting %d metaphase(s) with %s %s", scanned.case_id, len(todo), segmenter.name,
                  segmenter.version)
-    for m in scanned.metaphases:
-        if m.sha256 in stored:
-            continue
+    for m in todo:
         try:
             accepted, source = cut_metaphase(m, segmenter)
         except ImageRejected as exc:

@@ -24,12 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import chromobatch
 from chromobatch.errors import ModelError
-from chromobatch.files import atomic_write, read_json_meta, sha256_file
+from chromobatch.files import atomic_write, load_weights, read_json_meta, sha256_file
 from chromobatch.segment.base import Instance
 from chromobatch.segment.objects import flag_clusters, is_nucleus, regions_to_instances
 from chromobatch.segment.unet import UNet, pad_to_stride
@@ -308,12 +307,7 @@ def load_segmenter_folder(folder: str | Path, threads: int | None = None) -> Lea
         raise ModelError(f"{folder}: segmenter folder not found")
     meta = read_meta(folder)
     wpath = folder / WEIGHTS
-    if not wpath.is_file():
-        raise ModelError(f"{wpath}: missing (a segmenter folder holds {WEIGHTS} + {META})")
-    try:
-        state = load_file(str(wpath), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{wpath}: corrupt or not a safetensors file: {exc}") from exc
+    state = load_weights(folder, "segmenter")
     net = build_net(meta)
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -178,8 +178,7 @@ def cut_metaphases(database: Database, scanned: ScannedCase, settings: Settings,
         stored = {str(sha) for (sha,) in s.execute(
             select(Cell.source_sha256).join(Case, Case.id == Cell.case_pk)
             .where(Case.case_id == scanned.case_id, Cell.source_sha256.is_not(None)))}
-    todo = [m for m in scanned.metaphases if m.sha256 not in stored]
-    if todo:
+    if any(m.sha256 not in stored for m in scanned.metaphases):  # load a segmenter only for work to do
         cut_case(scanned, segmenter or default_segmenter(settings.segmenter), stored=stored)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import chromosome_array, write_png
+from helpers import write_labelled_case
 
 from chromobatch.config import load_settings
 from chromobatch.registry.register import load_predictor
@@ -23,15 +23,7 @@ CASE_ID = "PATIENT-7731"  # looks like an identifier on purpose: it must never r
 
 
 def make_case(root: Path, case_id: str = CASE_ID, cells: int = 2) -> Path:
-    case = root / case_id
-    rows = ["file,label"]
-    for c in range(cells):
-        for k, (length, label) in enumerate([(60, "1"), (58, "1"), (50, "2"), (25, "21"), (24, "Y")]):
-            rel = f"cell{c + 1:02d}/c{k:02d}.png"
-            write_png(case / rel, chromosome_array(length, 10, seed=c * 10 + k))
-            rows.append(f"{rel},{label}")
-    (case / "labels.csv").write_text("\n".join(rows) + "\n")
-    return case
+    return write_labelled_case(root / case_id, cells, [(60, "1"), (58, "1"), (50, "2"), (25, "21"), (24, "Y")])
 
 
 @pytest.fixture(scope="session")
