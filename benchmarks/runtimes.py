@@ -48,6 +48,7 @@ from common import cpu_name  # noqa: E402
 from pipeline import watcher_latency  # noqa: E402
 
 from chromobatch.config import load_settings  # noqa: E402
+from chromobatch.errors import ConfigError  # noqa: E402
 from chromobatch.intake.scan import scan_case  # noqa: E402
 from chromobatch.ml import runtime as rt  # noqa: E402
 from chromobatch.ml.folders import load_model  # noqa: E402
@@ -74,7 +75,14 @@ class RawForward:
         pairs = [("torch", "fp32")] + [(r, "fp32") for r in rt.installed_runtimes()[1:]]
         if rt.native_bf16(lm.device):
             pairs += [("torch", "bf16")] + [("openvino", "bf16")] * ("openvino" in rt.installed_runtimes())
-        self.engines = {f"{r} {p}": rt.build_engine(lm, r, p, cache) for r, p in pairs}
+        self.engines: dict[str, rt.Engine] = {}
+        self.left_out: dict[str, str] = {}
+        for r, p in pairs:
+            try:
+                self.engines[f"{r} {p}"] = rt.build_engine(lm, r, p, cache)
+            except ConfigError as exc:  # e.g. OpenVINO runs bf16 only on some CPUs that have the flag
+                self.left_out[f"{r} {p}"] = str(exc)
+                print(f"left out {r} {p}: {exc}", flush=True)
         for e in self.engines.values():
             forward_batch(e, self.batches[0], e.device)  # warm-up
 
@@ -89,12 +97,12 @@ class RawForward:
 
 
 def end_to_end(model_dir: Path, src: list[Path], work: Path, runtime: str, batch: int, cache: Path, tag: str,
-               profile: cProfile.Profile | None = None) -> tuple[float, dict[str, float], str]:
+               profile: cProfile.Profile | None = None, precision: str = "auto") -> tuple[float, dict[str, float], str]:
     run = work / tag
     cases = [Path(shutil.copytree(c, run / c.name)) for c in src]
     database = db.connect(run / "cases.sqlite")
     settings = load_settings({"model": str(model_dir), "batch_size": batch, "device": "cpu", "runtime": runtime,
-                              "cache_dir": str(cache)})
+                              "precision": precision, "cache_dir": str(cache)})
     predictor = load_predictor(database, settings)
     engine = predictor.model.runner
     chosen = f"{getattr(engine, 'runtime', 'torch')} {getattr(engine, 'precision', 'fp32')}"
@@ -202,9 +210,10 @@ def main() -> None:
         for r in range(args.rounds):  # each round: every raw forward, then both pipelines (a load change hits all)
             for name, speed in bench.round().items():
                 raw_rounds[name].append(speed)
-            for runtime in ("auto", "torch"):
+            for runtime in ("auto", "torch"):  # torch = today's default before issue 17: PyTorch fp32
                 speed, st, chosen[runtime] = end_to_end(args.model, cases, work, runtime, args.batch_size, cache,
-                                                        f"{runtime}{r}", prof if runtime == "auto" else None)
+                                                        f"{runtime}{r}", prof if runtime == "auto" else None,
+                                                        precision="auto" if runtime == "auto" else "fp32")
                 e2e[runtime].append(speed)
                 if speed >= max(e2e[runtime]):
                     stages[runtime] = st
@@ -220,6 +229,7 @@ def main() -> None:
             "raw_forward_rounds": {k: [round(x, 1) for x in v] for k, v in raw_rounds.items()},
             "pipeline_rounds": {k: [round(x, 1) for x in v] for k, v in e2e.items()},
             "fastest_raw": fastest,
+            "raw_left_out": bench.left_out,
             "auto_choice": chosen["auto"],
             "pipeline_per_s": {k: round(max(v), 1) for k, v in e2e.items()},
             "pipeline_stages_s": {k: {s: round(x, 2) for s, x in v.items()} for k, v in stages.items()},

@@ -193,6 +193,8 @@ def train(
                                                           "before the model (crops cut at any angle).")]
     = _default("orient"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = _default("device"),
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on a GPU, fp32 on a CPU), fp32, or bf16 (a "
+                                                "GPU, or a CPU with AVX-512 BF16 or AMX).")] = _default("precision"),
     time_budget: Annotated[float | None, typer.Option("--time-budget", help="Minutes the training loop may run in all "
                            "(--resume counts the time already spent); the schedule anneals over whichever runs out "
                            "first, --steps or time.")] = None,
@@ -235,7 +237,7 @@ def train(
                       lr=lr, seed=seed, preprocess=preprocess, checkpoint_every=checkpoint_every, val_every=val_every,
                       patience=patience, device=device, variant=variant, augment=AugmentConfig(rotate_deg=rotate),
                       init_from=str(init_from) if init_from is not None else None, size_prior=size_prior,
-                      freeze=tuple(freeze.split(",")),
+                      freeze=tuple(freeze.split(",")), precision=precision,
                       time_budget_s=None if time_budget is None else time_budget * 60)
     if db is not None:
         _train_from_db(cfg, db, models_dir=models_dir, margin=margin, val_fraction=val_fraction, lock=lock,

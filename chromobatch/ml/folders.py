@@ -234,8 +234,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
     net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     dev = torch.device(device)
     net.to(dev).eval()
-    if dev.type == "cuda":
-        net.to(memory_format=torch.channels_last)
+    # channels_last on the CPU too: oneDNN's convolutions and pooling run it faster (resnet18, 128 px, batch 64,
+    # AMD EPYC Zen 4, 2 threads: fp32 118 -> 157 images/s, bf16 autocast 218 -> 283; docs/benchmarks.md)
+    net.to(memory_format=torch.channels_last)
     prior = SizePrior.from_dict(meta["size_prior"]) if meta.get("size_prior") else None
     return LoadedModel(net=net, meta=meta, spec=spec, sha256=model_identity(sha256_file(wpath), prior),
                        folder=folder, device=dev, size_prior=prior)

@@ -198,7 +198,7 @@ def build_engine(model: LoadedModel, runtime: str, precision: str, cache_dir: st
     """One engine for `runtime` at `precision` (both resolved, not auto); ConfigError when it cannot run here."""
     threads = threads or torch.get_num_threads()
     if runtime == "torch":
-        return TorchEngine(model.net, model.device, precision)
+        return TorchEngine(model.net, model.device, precision, fold_batchnorm=model.device.type == "cpu")
     if model.device.type != "cpu":
         raise ConfigError(f"runtime {runtime} runs on the CPU here; device is {model.device}",
                           hint="Use runtime = torch on a GPU (or auto).")
@@ -279,7 +279,7 @@ def _choice_key(model: LoadedModel, pairs: list[tuple[str, str]], batch: int, th
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def calibrate(model: LoadedModel, pairs: list[tuple[str, str]], cache_dir: str | Path = "", batch: int = 16,
+def calibrate(model: LoadedModel, pairs: list[tuple[str, str]], cache_dir: str | Path = "", batch: int = 46,
               repeats: int = 2, threads: int | None = None) -> list[Measured]:
     """Time each pair on one generated batch and compare its top-1 with torch fp32 on that batch."""
     x = to_tensor(calibration_canvases(batch, model.spec.input_size)).unsqueeze(1)
@@ -335,7 +335,7 @@ def choose_engine(model: LoadedModel, runtime: str = "auto", precision: str = "a
                  speed, choice_file)
         return build_engine(model, r, p, cache_dir, threads)
     t = time.perf_counter()
-    measured = (calibrate_fn or calibrate)(model, pairs, cache_dir, min(batch_size, 16), threads=threads)
+    measured = (calibrate_fn or calibrate)(model, pairs, cache_dir, min(batch_size, 46), threads=threads)
     ok = [m for m in measured if m.agreement >= 1.0 or (m.runtime == "torch" and m.precision == "fp32")]
     for m in measured:
         if m not in ok:

@@ -71,6 +71,10 @@ class TrainConfig:
     #: run stops at the budget with a last validation and checkpoint. A --resume counts the time spent before
     #: (stored in the checkpoint). Such runs are not step-for-step reproducible.
     time_budget_s: float | None = None
+    #: auto | fp32 | bf16: the forward pass under bf16 autocast (losses and weights stay fp32). auto = bf16 on a
+    #: GPU and fp32 on a CPU (as before); bf16 on a CPU only where it is native (AVX-512 BF16 or AMX): there a
+    #: resnet18 step at 64 px took 0.26 s against 0.41 s in fp32 (AMD EPYC Zen 4, 2 threads).
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         self.freeze = tuple(p.strip() for p in self.freeze if p.strip())
@@ -88,6 +92,8 @@ class TrainConfig:
             raise ConfigError(f"schedule must be cosine or exp, not {self.schedule!r}")
         if not 0 < self.size_power <= 1:
             raise ConfigError(f"--size-power must be in (0, 1], not {self.size_power}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"--precision must be auto, fp32 or bf16, not {self.precision!r}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError(f"--time-budget must be > 0, not {self.time_budget_s}")
         if self.steps < 1 or self.lr <= 0 or self.input_size < 16 or self.embed_dim < 1:

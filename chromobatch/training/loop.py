@@ -37,6 +37,7 @@ from chromobatch.ml.factory import ChromosomeNet, create_model
 from chromobatch.ml.folders import META, LoadedModel, save_model, update_meta
 from chromobatch.ml.forward import forward_canvases
 from chromobatch.ml.preprocess import PreprocessSpec, choose_scale, chromosome_length, to_tensor
+from chromobatch.ml.runtime import native_bf16
 from chromobatch.training.calibrate import calibrate as calibrate_size_prior
 from chromobatch.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -134,6 +135,13 @@ class _Run:
     hist: IO[str] | None = None
 
     @property
+    def bf16(self) -> bool:
+        """The forward pass under bf16 autocast (TrainConfig.precision, checked in `_setup`)."""
+        if self.cfg.precision == "auto":
+            return self.device.type == "cuda"
+        return self.cfg.precision == "bf16"
+
+    @property
     def have_val(self) -> bool:
         return bool(self.val_recs)
 
@@ -181,6 +189,9 @@ def _setup(
 ) -> _Run:
     """Records, preprocessing, the prepared sets, sampler, network and optimiser; a checkpoint restored."""
     device = resolve_device(cfg.device, ctx.local_rank)
+    if cfg.precision == "bf16" and not native_bf16(device):
+        raise ConfigError(f"--precision bf16 asked for, but {device} has no native bf16 (on a CPU: AVX-512 BF16 "
+                          "or AMX); emulated it would be far slower than fp32", hint="Use --precision auto.")
     torch.manual_seed(cfg.seed + ctx.rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -365,7 +376,7 @@ def _step(run: _Run, step: int) -> dict[str, torch.Tensor]:
     x = augment(to_tensor(run.images[idx]).unsqueeze(1), cfg.augment, run.gen)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
+    with torch.autocast(device.type, dtype=torch.bfloat16) if run.bf16 else nullcontext():
         emb, logits = run.model(x)
     e1, e2 = emb.float().chunk(2)
     p1, p2 = logits.float().chunk(2)
@@ -458,6 +469,7 @@ def _model_meta(run: _Run, step: int, metrics: dict[str, Any]) -> dict[str, Any]
             "images_per_step": 2 * NUM_CLASSES * run.ctx.world,
             "world_size": run.ctx.world,
             "device": str(run.device),
+            "precision": "bf16" if run.bf16 else "fp32",  # of the forward pass (autocast); weights are fp32
             "torch": torch.__version__,
             **({"init_from": run.init_info} if run.init_info else {}),
         },

@@ -21,6 +21,8 @@ from typer.testing import CliRunner
 from chromobatch import CLASSES
 from chromobatch.cli.main import app
 from chromobatch.errors import ConfigError, DataError
+from chromobatch.ml.folders import load_model
+from chromobatch.ml.runtime import native_bf16
 from chromobatch.training.config import TrainConfig
 from chromobatch.training.loop import lr_factor, train
 from chromobatch.training.records import (
@@ -183,6 +185,22 @@ def test_no_scl_baseline_has_no_contrastive_term(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in res.history_path.read_text().splitlines()]
     assert all("con" not in r for r in rows)
     assert res.final_temperature == pytest.approx(1 / 0.07, rel=1e-5)  # untouched: not a parameter being trained
+
+
+def test_bf16_training_on_a_cpu_only_where_it_is_native(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="precision"):
+        tiny_config(precision="fp16")
+    cfg = tiny_config(steps=40, lr=3e-3, val_every=40, precision="bf16")
+    if not native_bf16(torch.device("cpu")):
+        with pytest.raises(ConfigError, match="no native bf16"):
+            train(cfg, blob_records(3), tmp_path / "m", progress=False)
+        pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 training not run here")
+    res = train(cfg, blob_records(6), tmp_path / "m", progress=False)
+    losses = [json.loads(line)["loss"] for line in res.history_path.read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 40 and np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["training"]["precision"] == "bf16" and meta["training"]["config"]["precision"] == "bf16"
+    assert next(iter(load_model(tmp_path / "m").net.state_dict().values())).dtype == torch.float32  # fp32 weights
 
 
 def test_lr_factor_anneals_over_the_time_budget_when_it_runs_out_first() -> None:
