@@ -21,9 +21,9 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from chromobatch.ml.factory import ChromosomeNet
+from chromobatch.ml.preprocess import to_tensor
 
 log = logging.getLogger(__name__)
-from chromobatch.ml.preprocess import to_tensor
 
 #: Precisions an engine may compute in (`auto` is resolved by `ml.runtime` before an engine is built).
 PRECISIONS = ("fp32", "bf16")
