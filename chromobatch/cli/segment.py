@@ -31,6 +31,9 @@ def segment_train(
     val_every: Annotated[int, typer.Option("--val-every", help="Validate (and keep the best) every N steps.")]
     = 250,
     seed: Annotated[int, typer.Option()] = 0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW; warm-up, then cosine).")] = 2e-3,
+    init_from: Annotated[Path | None, typer.Option("--init-from", help="Continue from this segmenter folder's "
+                                                   "weights (fresh optimiser and schedule).")] = None,
 ) -> None:
     """Train the learned segmenter on the train split, keep the best on the val split."""
     from chromobatch.segment.train import SegTrainConfig, train_segmenter
@@ -41,7 +44,8 @@ def segment_train(
 
         synth_dir = str(write_synth_set(out / "synth", synth, seed=seed))
     cfg = SegTrainConfig(steps=steps, batch_size=batch_size, threads=threads, val_every=val_every, seed=seed,
-                         time_budget_min=minutes, synth_dir=synth_dir)
+                         time_budget_min=minutes, synth_dir=synth_dir, lr=lr,
+                         init_from=str(init_from) if init_from is not None else None)
     result = train_segmenter(data, out, cfg, progress=typer.echo)
     typer.echo(f"wrote {out}: val {json.dumps(result['val'])}")
 

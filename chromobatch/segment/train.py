@@ -59,6 +59,9 @@ class SegTrainConfig:
     synth_dir: str | None = None
     synth_weight: float = 0.3
     scale_range: tuple[float, float] = (0.75, 1.35)
+    #: warm start: a segmenter folder whose U-Net (its channels, not `channels`) the run continues from,
+    #: with a fresh optimiser and schedule; None = random init
+    init_from: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -221,6 +224,15 @@ def train_segmenter(data: Path, out: Path, cfg: SegTrainConfig,
     sampler = CropSampler(train + synth, cfg, rng, weights)
     ref_width = reference_width(train)
     net = UNet(cfg.channels)
+    init: dict[str, Any] | None = None
+    if cfg.init_from:
+        from chromobatch.segment.learned import load_segmenter_folder
+
+        start = load_segmenter_folder(cfg.init_from, threads=cfg.threads)
+        net = start.net
+        init = {"folder": str(cfg.init_from), "version": start.version,
+                "best_step": (read_meta(cfg.init_from).get("training") or {}).get("best_step")}
+        say(f"warm start from {cfg.init_from} ({start.name} {start.version})")
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = min(200, cfg.steps // 10)
     t0 = time.monotonic()
@@ -237,7 +249,7 @@ def train_segmenter(data: Path, out: Path, cfg: SegTrainConfig,
     meta: dict[str, Any] = {"stroke_width": ref_width, "postprocess": dict(POSTPROCESS),
                             "training": {"config": _jsonable(asdict(cfg)), "data": str(data),
                                          "train_images": len(train), "synth_images": len(synth),
-                                         "val_images": len(val)}}
+                                         "val_images": len(val), **({"init_from": init} if init else {})}}
     history: list[dict[str, Any]] = []
     best: tuple[float, float] | None = None
     running = 0.0

@@ -54,3 +54,26 @@ def test_train_a_few_steps(tmp_path: Path, tiny_set: Path) -> None:
     assert meta["format"] == "chromobatch-segmenter" and meta["training"]["steps_run"] == 2
     assert set(meta["postprocess"]) >= {"fg_threshold", "core_threshold", "min_seed"}
     assert (out / "history.json").is_file()
+
+
+@pytest.mark.slow
+def test_train_continues_from_a_segmenter_folder(tmp_path: Path, tiny_set: Path) -> None:
+    """--init-from starts at the given weights (the first step moves them only a little) and records where
+    it started; a folder that is not a segmenter is one red line."""
+    from chromobatch.segment.learned import load_segmenter_folder
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ("--data", str(tiny_set), "--steps", "1", "--val-every", "1", "--batch-size", "1")
+    assert _cli("segment", "train", "--out", str(first), *common).returncode == 0
+    r = _cli("segment", "train", "--out", str(second), "--init-from", str(first), "--lr", "1e-6", *common)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((second / "model.json").read_text())
+    assert meta["training"]["init_from"]["folder"] == str(first) and meta["training"]["config"]["lr"] == 1e-6
+    a = load_segmenter_folder(first).net.state_dict()
+    b = load_segmenter_folder(second).net.state_dict()
+    fresh = load_segmenter_folder(first).net.__class__(tuple(meta["channels"])).state_dict()
+    weights = [k for k in a if k.endswith("weight") and a[k].dim() == 4]
+    assert all(float((a[k] - b[k]).abs().max()) < 1e-3 for k in weights)  # lr 1e-6: barely moved
+    assert any(float((a[k] - fresh[k]).abs().max()) > 1e-2 for k in weights)  # and not a new random init
+    r = _cli("segment", "train", "--out", str(tmp_path / "third"), "--init-from", str(tmp_path), *common)
+    assert r.returncode == 1 and "error:" in r.stderr and "Traceback" not in r.stderr
