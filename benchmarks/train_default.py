@@ -42,6 +42,8 @@ ap.add_argument("--init-from", default=None, help="warm start from this model fo
 ap.add_argument("--preprocess", default="fixed", help="fixed, cell or fit")
 ap.add_argument("--size-power", type=float, default=1.0, help="fixed/cell size-range compression")
 ap.add_argument("--scl", action="store_true", help="train with SCL (the paper's loss) instead of plain focal")
+ap.add_argument("--lambda-con", type=float, default=None, help="with --scl: the weight λ1 of L_con (default 1; "
+                "0.1 tied plain in the equal-step study, docs/results.md)")
 ap.add_argument("--input-size", type=int, default=96)
 ap.add_argument("--time-budget", type=float, default=None, help="minutes the training loop may run")
 ap.add_argument("--device", default="auto")
@@ -61,7 +63,8 @@ synth = [replace(r, split="train", patient="synth-" + r.patient) for r in
          load_records(synth_manifest, splits=("train", "val"))]
 cfg = TrainConfig(backbone="resnet18", input_size=args.input_size, steps=args.steps, lr=args.lr,
                   val_every=args.val_every, checkpoint_every=args.checkpoint_every, val_limit=args.val_limit or None,
-                  patience=0, no_scl=not args.scl, orient="upright", init_from=args.init_from,
+                  patience=0, no_scl=not args.scl, lambda_con=args.lambda_con if args.scl else None, orient="upright",
+                  init_from=args.init_from,
                   preprocess=args.preprocess, size_power=args.size_power, seed=args.seed, device=args.device,
                   half_weights=args.half, size_prior=not args.no_size_prior,
                   time_budget_s=None if args.time_budget is None else 60 * args.time_budget)
