@@ -218,7 +218,8 @@ def train(
     promote: Annotated[bool, typer.Option(help="--db: promote a good enough candidate (else register only).")]
     = True,
     warm_start: Annotated[bool, typer.Option("--warm-start", help="--db: fine-tune the active model (its "
-                          "architecture and preprocessing) instead of training from random weights.")] = False,
+                          "architecture and preprocessing) instead of training from random weights; with the plain "
+                          "focal loss unless --lambda-con is given (few-label study, docs/results.md).")] = False,
     signed_only: Annotated[bool, typer.Option("--signed-only", help="--db: train on the cases signed off in the web "
                                                                     "review only (default: every labelled case).")]
     = False,

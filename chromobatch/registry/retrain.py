@@ -247,7 +247,12 @@ def _write_identity(folder: Path, name: str, version: str, extra: dict[str, Any]
 
 def warm_start_config(database: Database, config: Any) -> Any:
     """`config` set to fine-tune the active model: init_from its folder, architecture and preprocessing copied
-    from its model.json (so they cannot disagree). Unchanged, with a log line, when no model is active."""
+    from its model.json (so they cannot disagree). Unchanged, with a log line, when no model is active.
+
+    The loss of a fine-tune is plain focal unless a contrastive weight was asked for (`--lambda-con`): in the
+    few-label study (docs/results.md, bioimlab test after fine-tuning on 5/10/20 metaphases, 200 steps)
+    SCL fine-tuning was 0.4-0.7 points ahead with 5 metaphases and 1.2-3.8 behind with 10 and 20, from a
+    plain and from an SCL start alike."""
     with database.session() as s:
         active = active_model(s)
         found = (active.id, active.file) if active is not None else None
@@ -258,6 +263,9 @@ def warm_start_config(database: Database, config: Any) -> Any:
     meta = read_meta(folder)
     pre = meta["preprocess"]
     log.info("warm start from the active model (id %d)", version_id)
+    if config.lambda_con is None and not config.no_scl:
+        log.info("fine-tuning with the plain focal loss (the few-label study's choice; --lambda-con adds SCL)")
+        config = replace(config, no_scl=True)
     return replace(config, init_from=str(folder), backbone=meta["backbone"], embed_dim=int(meta["embed_dim"]),
                    input_size=int(pre["input_size"]), preprocess=pre["mode"], orient=pre.get("orient", "none"))
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,6 +37,7 @@ from chromobatch.registry.retrain import (
     decide,
     patient_key,
     retrain,
+    warm_start_config,
 )
 from chromobatch.service.pipeline import process_case
 from chromobatch.store import db
@@ -316,6 +318,8 @@ def test_warm_start_fine_tunes_the_active_model(sqlite_path: Path, tmp_path: Pat
         assert meta["preprocess"] == load_model(tiny_model_dir).meta["preprocess"]  # scale 0.4 kept
         assert meta["training"]["init_from"]["sha256"] == active.sha256
         assert meta["training"]["database"]["warm_start_from"] == str(tiny_model_dir)
+        assert meta["training"]["loss"]["lambda_con"] == 0.0  # a fine-tune defaults to plain (few-label study)
+        assert warm_start_config(database, replace(cfg, lambda_con=0.3)).loss_config().lambda_con == 0.3
     finally:
         database.dispose()
 
