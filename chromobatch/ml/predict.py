@@ -26,7 +26,7 @@ from chromobatch.errors import ModelError
 from chromobatch.ml.folders import LoadedModel, load_model
 from chromobatch.ml.forward import as_engine, forward_canvases
 from chromobatch.ml.preprocess import render
-from chromobatch.ml.runtime import calibration_canvases, choose_engine
+from chromobatch.ml.runtime import CELL_BATCH, calibration_canvases, choose_engine
 from chromobatch.store.db import Database, ModelVersion, active_model
 from chromobatch.store.states import Stain
 
@@ -134,9 +134,9 @@ class Predictor:
         return len(crops)
 
     def warm_up(self) -> None:
-        """One pass over a generated batch of a cell's size (46): a runtime's first call compiles, allocates and
+        """One pass over a generated batch of a cell's size (CELL_BATCH): a runtime's first call compiles, allocates and
         picks its kernels for the shape, a second or more that a watcher's first case would otherwise wait."""
-        canvases = calibration_canvases(min(self.batch_size, 46), self.model.spec.input_size)
+        canvases = calibration_canvases(min(self.batch_size, CELL_BATCH), self.model.spec.input_size)
         calls = self.forward_calls
         forward_canvases(_Counted(self), [canvases], self.model.device, embeddings=False)
         self.forward_calls = calls

@@ -58,6 +58,8 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 #: The accuracy bar a reduced precision or another runtime must meet on the test split (issue 17).
 MIN_AGREEMENT = 0.999
 MAX_ACCURACY_DROP_PT = 0.1
+#: The batch `auto` times the runtimes on, and a watcher warms its runtime up with: one cell's chromosomes.
+CELL_BATCH = 46
 #: Bump when the export changes, so older cached files are converted again.
 CONVERTER_VERSION = 1
 ONNX_FILE = "model.onnx"
@@ -279,7 +281,7 @@ def _choice_key(model: LoadedModel, pairs: list[tuple[str, str]], batch: int, th
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def calibrate(model: LoadedModel, pairs: list[tuple[str, str]], cache_dir: str | Path = "", batch: int = 46,
+def calibrate(model: LoadedModel, pairs: list[tuple[str, str]], cache_dir: str | Path = "", batch: int = CELL_BATCH,
               repeats: int = 2, threads: int | None = None) -> list[Measured]:
     """Time each pair on one generated batch and compare its top-1 with torch fp32 on that batch."""
     x = to_tensor(calibration_canvases(batch, model.spec.input_size)).unsqueeze(1)
@@ -335,7 +337,7 @@ def choose_engine(model: LoadedModel, runtime: str = "auto", precision: str = "a
                  speed, choice_file)
         return build_engine(model, r, p, cache_dir, threads)
     t = time.perf_counter()
-    measured = (calibrate_fn or calibrate)(model, pairs, cache_dir, min(batch_size, 46), threads=threads)
+    measured = (calibrate_fn or calibrate)(model, pairs, cache_dir, min(batch_size, CELL_BATCH), threads=threads)
     ok = [m for m in measured if m.agreement >= 1.0 or (m.runtime == "torch" and m.precision == "fp32")]
     for m in measured:
         if m not in ok:

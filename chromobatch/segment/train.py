@@ -223,7 +223,6 @@ def train_segmenter(data: Path, out: Path, cfg: SegTrainConfig,
             weights = np.concatenate([weights, np.full(len(synth), share * len(train) / len(synth))])
     sampler = CropSampler(train + synth, cfg, rng, weights)
     ref_width = reference_width(train)
-    net = UNet(cfg.channels)
     init: dict[str, Any] | None = None
     if cfg.init_from:
         from chromobatch.segment.learned import load_segmenter_folder
@@ -231,8 +230,10 @@ def train_segmenter(data: Path, out: Path, cfg: SegTrainConfig,
         start = load_segmenter_folder(cfg.init_from, threads=cfg.threads)
         net = start.net
         init = {"folder": str(cfg.init_from), "version": start.version,
-                "best_step": (read_meta(cfg.init_from).get("training") or {}).get("best_step")}
+                "best_step": (start.meta.get("training") or {}).get("best_step")}
         say(f"warm start from {cfg.init_from} ({start.name} {start.version})")
+    else:
+        net = UNet(cfg.channels)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = min(200, cfg.steps // 10)
     t0 = time.monotonic()
