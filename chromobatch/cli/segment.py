@@ -34,6 +34,9 @@ def segment_train(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW; warm-up, then cosine).")] = 2e-3,
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Continue from this segmenter folder's "
                                                    "weights (fresh optimiser and schedule).")] = None,
+    channels: Annotated[str | None, typer.Option(help="U-Net widths per level, e.g. 8,16,32,64,128 (default "
+                                                 "8,16,32,64). With --init-from, deeper levels are added "
+                                                 "to the start's and its levels are copied.")] = None,
 ) -> None:
     """Train the learned segmenter on the train split, keep the best on the val split."""
     from chromobatch.segment.train import SegTrainConfig, train_segmenter
@@ -43,9 +46,16 @@ def segment_train(
         from chromobatch.segment.synthset import write_synth_set
 
         synth_dir = str(write_synth_set(out / "synth", synth, seed=seed))
+    widths: dict[str, tuple[int, ...]] = {}
+    if channels:
+        try:
+            widths["channels"] = tuple(int(c) for c in channels.split(","))
+        except ValueError as exc:
+            raise typer.BadParameter(f"--channels wants integers separated by commas, got {channels!r}") from exc
     cfg = SegTrainConfig(steps=steps, batch_size=batch_size, threads=threads, val_every=val_every, seed=seed,
                          time_budget_min=minutes, synth_dir=synth_dir, lr=lr,
-                         init_from=str(init_from) if init_from is not None else None)
+                         init_from=str(init_from) if init_from is not None else None,
+                         grow=bool(channels) and init_from is not None, **widths)
     result = train_segmenter(data, out, cfg, progress=typer.echo)
     typer.echo(f"wrote {out}: val {json.dumps(result['val'])}")
 

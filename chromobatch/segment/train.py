@@ -62,7 +62,68 @@ class SegTrainConfig:
     #: warm start: a segmenter folder whose U-Net (its channels, not `channels`) the run continues from,
     #: with a fresh optimiser and schedule; None = random init
     init_from: str | None = None
+    #: with `init_from`: build the U-Net at `channels` (deeper levels added) and copy the levels it shares
+    #: with the start (`grow_unet`), instead of continuing the start's own U-Net
+    grow: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def grow_unet(small: UNet, channels: tuple[int, ...],
+              sample: torch.Tensor | None = None) -> tuple[UNet, int]:
+    """A deeper U-Net whose first levels are `small`'s: same widths up to `len(small.channels)`, new levels
+    below. The encoder levels, the decoder levels at the shared resolutions and the head keep `small`'s
+    weights; the new deepest encoder level and the decoder level that comes up from it start at random.
+    Why: a 5th level doubles the context the network sees (telling touching chromosomes apart needs it)
+    for about a quarter more compute, and starting from the trained 4 levels saves hours of CPU training."""
+    old = list(small.channels)
+    new = list(channels)
+    if new[: len(old)] != old or len(new) <= len(old):
+        raise DataError(f"cannot grow a U-Net {old} into {new}: the new widths must start with the old ones")
+    big = UNet(tuple(new))
+    shift = len(new) - len(old)  # decoder blocks are listed deepest first: the old up.i is the new up.(i+shift)
+    src = small.state_dict()
+    state = big.state_dict()
+    copied = 0
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "up":
+            parts[1] = str(int(parts[1]) - shift)
+        okey = ".".join(parts)
+        if okey in src and tuple(src[okey].shape) == tuple(value.shape):
+            state[key] = src[okey].clone()
+            copied += 1
+    big.load_state_dict(state)
+    if sample is not None and shift == 1:
+        _pass_through(big, sample)
+    return big, copied
+
+
+@torch.no_grad()
+def _pass_through(big: UNet, sample: torch.Tensor) -> None:
+    """Start the new decoder block as (nearly) a pass-through of its skip input, so the grown network begins
+    where the small one was instead of at noise: identity 3x3 convolutions on the skip channels, the deep
+    channels at a small random weight (so gradients reach the new level), and BatchNorms set to give back
+    the skip features' own mean and spread (measured on `sample`, a batch of training crops)."""
+    block = big.up[0]
+    deep = big.channels[-1]
+    width = big.channels[-2]
+    conv1, bn1, _, conv2, bn2, _ = block
+    feats = sample
+    for i, down in enumerate(big.down[:-1]):  # the skip input: the output of the level above the new one
+        big.down.eval()
+        feats = down(feats if i == 0 else torch.nn.functional.max_pool2d(feats, 2))
+    mean = feats.mean(dim=(0, 2, 3))
+    var = feats.var(dim=(0, 2, 3)) + 1e-3
+    eye = torch.zeros(width, width, 3, 3)
+    eye[range(width), range(width), 1, 1] = 1.0
+    conv1.weight.mul_(0.1)
+    conv1.weight[:, deep:] = eye
+    conv2.weight.copy_(eye)
+    for bn in (bn1, bn2):
+        bn.weight.copy_(var.sqrt())
+        bn.bias.copy_(mean)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
 
 
 def targets(shape: tuple[int, int], instances: list[Instance], margin: int = CORE_MARGIN) -> np.ndarray:
@@ -231,6 +292,11 @@ def train_segmenter(data: Path, out: Path, cfg: SegTrainConfig,
         net = start.net
         init = {"folder": str(cfg.init_from), "version": start.version,
                 "best_step": (start.meta.get("training") or {}).get("best_step")}
+        if cfg.grow and tuple(cfg.channels) != tuple(net.channels):
+            net, copied = grow_unet(net, cfg.channels, sample=sampler.batch()[0])
+            init["grown_from"] = list(start.net.channels)
+            init["tensors_copied"] = copied
+            say(f"grew {start.net.channels} -> {list(cfg.channels)}: {copied} tensors copied, the rest new")
         say(f"warm start from {cfg.init_from} ({start.name} {start.version})")
     else:
         net = UNet(cfg.channels)

@@ -77,3 +77,15 @@ def test_train_continues_from_a_segmenter_folder(tmp_path: Path, tiny_set: Path)
     assert any(float((a[k] - fresh[k]).abs().max()) > 1e-2 for k in weights)  # and not a new random init
     r = _cli("segment", "train", "--out", str(tmp_path / "third"), "--init-from", str(tmp_path), *common)
     assert r.returncode == 1 and "error:" in r.stderr and "Traceback" not in r.stderr
+    # --channels with --init-from grows the start by a level and records it
+    grown = tmp_path / "grown"
+    r = _cli("segment", "train", "--out", str(grown), "--init-from", str(first), "--channels", "8,16,32,64,128",
+             *common)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((grown / "model.json").read_text())
+    assert meta["channels"] == [8, 16, 32, 64, 128]
+    assert meta["training"]["init_from"]["grown_from"] == [8, 16, 32, 64]
+    assert load_segmenter_folder(grown).net.channels == [8, 16, 32, 64, 128]
+    r = _cli("segment", "train", "--out", str(tmp_path / "bad"), "--init-from", str(first), "--channels", "16,32",
+             *common)
+    assert r.returncode == 1 and "cannot grow" in r.stderr and "Traceback" not in r.stderr

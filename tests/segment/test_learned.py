@@ -128,3 +128,31 @@ def test_nucleus_taken_for_foreground_is_left_out() -> None:
     found = seg.segment(img)
     assert len(found) == 3 and all(i.cluster == 1 for i in found)
     assert not any((i.full_mask(shape) & nucleus).any() for i in found)
+
+
+def test_grown_unet_starts_where_the_small_one_was() -> None:
+    """A level added below a trained U-Net (`grow_unet`) keeps every trained tensor and starts as a
+    pass-through: the grown network's maps match the small one's; a plain copy without the pass-through
+    start (new decoder block at random) does not. Widths that do not extend the old ones are refused."""
+    from chromobatch.errors import DataError
+    from chromobatch.segment.train import grow_unet
+
+    torch.manual_seed(3)
+    small = UNet((4, 8, 16)).eval()
+    for m in small.modules():  # trained-looking BatchNorm statistics, not the init's 0 / 1
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 1, 64, 64)
+    big, copied = grow_unet(small, (4, 8, 16, 32), sample=x)
+    assert copied == len(small.state_dict()) and len(big.state_dict()) > copied
+    assert big.channels == [4, 8, 16, 32] and big.stride == 8
+    plain, _ = grow_unet(small, (4, 8, 16, 32))
+    with torch.no_grad():
+        ref = torch.sigmoid(small(x))
+        grown = torch.sigmoid(big.eval()(x))
+        random_block = torch.sigmoid(plain.eval()(x))
+    assert float((grown - ref).abs().mean()) < 0.02
+    assert float((random_block - ref).abs().mean()) > 5 * float((grown - ref).abs().mean())
+    with pytest.raises(DataError, match="cannot grow"):
+        grow_unet(small, (8, 16, 32, 64))
