@@ -46,16 +46,16 @@ def segment_train(
         from chromobatch.segment.synthset import write_synth_set
 
         synth_dir = str(write_synth_set(out / "synth", synth, seed=seed))
-    widths: dict[str, tuple[int, ...]] = {}
+    widths = SegTrainConfig.channels
     if channels:
         try:
-            widths["channels"] = tuple(int(c) for c in channels.split(","))
+            widths = tuple(int(c) for c in channels.split(","))
         except ValueError as exc:
             raise typer.BadParameter(f"--channels wants integers separated by commas, got {channels!r}") from exc
     cfg = SegTrainConfig(steps=steps, batch_size=batch_size, threads=threads, val_every=val_every, seed=seed,
                          time_budget_min=minutes, synth_dir=synth_dir, lr=lr,
                          init_from=str(init_from) if init_from is not None else None,
-                         grow=bool(channels) and init_from is not None, **widths)
+                         grow=bool(channels) and init_from is not None, channels=widths)
     result = train_segmenter(data, out, cfg, progress=typer.echo)
     typer.echo(f"wrote {out}: val {json.dumps(result['val'])}")
 

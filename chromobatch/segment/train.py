@@ -105,13 +105,17 @@ def _pass_through(big: UNet, sample: torch.Tensor) -> None:
     channels at a small random weight (so gradients reach the new level), and BatchNorms set to give back
     the skip features' own mean and spread (measured on `sample`, a batch of training crops)."""
     block = big.up[0]
+    assert isinstance(block, torch.nn.Sequential)
     deep = big.channels[-1]
     width = big.channels[-2]
-    conv1, bn1, _, conv2, bn2, _ = block
+    conv1, conv2 = block[0], block[3]
+    bn1, bn2 = block[1], block[4]
+    assert isinstance(conv1, torch.nn.Conv2d) and isinstance(conv2, torch.nn.Conv2d)
+    assert isinstance(bn1, torch.nn.BatchNorm2d) and isinstance(bn2, torch.nn.BatchNorm2d)
     feats = sample
+    big.down.eval()
     for i, down in enumerate(big.down[:-1]):  # the skip input: the output of the level above the new one
-        big.down.eval()
-        feats = down(feats if i == 0 else torch.nn.functional.max_pool2d(feats, 2))
+        feats = down(feats if i == 0 else F.max_pool2d(feats, 2))
     mean = feats.mean(dim=(0, 2, 3))
     var = feats.var(dim=(0, 2, 3)) + 1e-3
     eye = torch.zeros(width, width, 3, 3)
@@ -122,6 +126,7 @@ def _pass_through(big: UNet, sample: torch.Tensor) -> None:
     for bn in (bn1, bn2):
         bn.weight.copy_(var.sqrt())
         bn.bias.copy_(mean)
+        assert bn.running_mean is not None and bn.running_var is not None
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
 
