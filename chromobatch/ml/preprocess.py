@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from chromobatch.errors import ModelError
-from chromobatch.ml.geometry import upright
+from chromobatch.ml.geometry import median, upright
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def render(crop: np.ndarray, spec: PreprocessSpec, cell_median_length: float | N
     h, w = arr.shape
     size = spec.input_size
     border = np.concatenate([arr[0, :], arr[-1, :], arr[:, 0], arr[:, -1]])
-    background = float(np.median(border))
+    background = median(border)
     ink = np.clip(background - arr, 0.0, None)
     peak = float(ink.max())
     if peak > 0:
