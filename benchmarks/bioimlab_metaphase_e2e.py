@@ -153,11 +153,14 @@ def pair_crops(img: np.ndarray, gt: list, crops: list[tuple[Image.Image, str]], 
     rows, cols = linear_sum_assignment(-m)
     labels = [lab for _, lab in crops]
     out: dict[int, str] = {}
+    kept: dict[str, list[float]] = {}
     for i, j in zip(rows, cols, strict=True):
         other = [m[i, k] for k in range(len(crops)) if labels[k] != labels[j]]
-        if m[i, j] >= min_ncc and m[i, j] - max(other, default=-1.0) >= min_margin:
+        margin = m[i, j] - max(other, default=-1.0)
+        if m[i, j] >= min_ncc and margin >= min_margin:
             out[int(i)] = labels[j]
-    return out, {"scale": scale, "assigned_median_ncc": float(np.median(m[rows, cols]))}
+            kept[str(int(i))] = [round(float(m[i, j]), 4), round(float(margin), 4)]
+    return out, {"scale": scale, "assigned_median_ncc": float(np.median(m[rows, cols])), "ncc_margin": kept}
 
 
 class AnnotationSegmenter:
