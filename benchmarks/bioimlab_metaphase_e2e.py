@@ -23,6 +23,10 @@ through the real pipeline as a one-cell case (`process_case`: detect, segment, c
 model and its size prior, per-cell assignment, commit) into a fresh SQLite file, and every stored
 chromosome's outline is matched to the annotated polygons at IoU >= 0.5.
 
+Most frames are not the crops' source (another capture of the spread): there only a few crops pair by
+chance-level margins. A frame with at least --source-frame-labels (10) labels is taken as the source, and
+its labels are reported on their own beside the pooled figures.
+
 Reported: annotated chromosomes, those that got a class, the share of those segmented (IoU >= 0.5) and the
 share both segmented and classified right, by the image model with its size prior (Prediction.label) and
 after the per-cell assignment (Prediction.assigned_label); and, as a check of the labels themselves, the
@@ -51,6 +55,7 @@ sys.path.insert(0, str(REPO))
 from common import cpu_name  # noqa: E402
 
 from chromobatch.config import load_settings  # noqa: E402
+from chromobatch.errors import EmptyCase  # noqa: E402
 from chromobatch.registry.register import load_predictor  # noqa: E402
 from chromobatch.segment.base import Instance  # noqa: E402
 from chromobatch.segment.metrics import read_labelme  # noqa: E402
@@ -184,7 +189,11 @@ def run_case(database: db.Database, tmp: Path, name: str, image: Path, predictor
     case.mkdir(parents=True)
     shutil.copy(image, case / "cell01.png")
     (case / "input.txt").write_text("metaphase\n")
-    process_case(database, case, predictor=predictor, settings=settings, segmenter=segmenter)  # type: ignore[arg-type]
+    try:
+        process_case(database, case, predictor=predictor, settings=settings, segmenter=segmenter)  # type: ignore[arg-type]
+    except EmptyCase as exc:  # refused as a whole (e.g. a frame with too few chromosomes): nothing segmented
+        print(f"{name}: {exc}", flush=True)
+        return []
     with database.session() as s:
         got = s.query(db.Chromosome.polygon, db.Prediction.label, db.Prediction.assigned_label).join(
             db.Prediction, db.Prediction.chromosome_id == db.Chromosome.id).join(
@@ -227,6 +236,9 @@ def main() -> None:
     ap.add_argument("--min-margin", type=float, default=0.02)
     ap.add_argument("--labels", type=Path, help="cache of the pairing's labels (read if there, else written)")
     ap.add_argument("--labels-only", action="store_true", help="pair crops and polygons, write --labels, stop")
+    ap.add_argument("--source-frame-labels", type=int, default=10,
+                    help="a frame with at least this many labels is the crops' source; elsewhere a label is "
+                         "reported apart (a lone pairing in a frame the crops were not cut from can be chance)")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -283,6 +295,12 @@ def main() -> None:
             print(row, flush=True)
         database.dispose()
     n = max(1, totals["with_class"])
+    source = [r for r in per_image if r["with_class"] >= args.source_frame_labels]
+    ns = max(1, sum(r["with_class"] for r in source))
+    source_frames = {"images": [r["image"] for r in source], "with_class": sum(r["with_class"] for r in source),
+                     **{f"share_{k}": sum(r[k] for r in source) / ns
+                        for k in ("segmented", "right_model", "right_assigned", "direct_right_model",
+                                  "direct_right_assigned")}}
     out = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "cpu": cpu_name(), "model": str(args.model),
            "segmenter": args.segmenter, "split": args.split, "min_ncc": args.min_ncc,
            "min_margin": args.min_margin, "seconds": time.perf_counter() - t0, **totals,
@@ -290,7 +308,8 @@ def main() -> None:
            "share_segmented_and_right_model": totals["right_model"] / n,
            "share_segmented_and_right_assigned": totals["right_assigned"] / n,
            "direct_share_right_model": totals["direct_right_model"] / n,
-           "direct_share_right_assigned": totals["direct_right_assigned"] / n, "per_image": per_image}
+           "direct_share_right_assigned": totals["direct_right_assigned"] / n,
+           "source_frames": source_frames, "per_image": per_image}
     print(json.dumps({k: v for k, v in out.items() if k != "per_image"}, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
