@@ -318,10 +318,16 @@ def train_segmenter(data: Path, out: Path, cfg: SegTrainConfig,
             done = max(done, (time.monotonic() - t0) / (cfg.time_budget_min * 60))
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
-    meta: dict[str, Any] = {"stroke_width": ref_width, "postprocess": dict(POSTPROCESS),
+    # A warm start is validated with its start's tuned thresholds: the defaults suit an untrained network and
+    # would rank checkpoints by how many specks they let through rather than by how well they split.
+    post = dict(POSTPROCESS)
+    if cfg.init_from:
+        post.update(start.meta.get("postprocess") or {})
+    meta: dict[str, Any] = {"stroke_width": ref_width, "postprocess": post,
                             "training": {"config": _jsonable(asdict(cfg)), "data": str(data),
                                          "train_images": len(train), "synth_images": len(synth),
-                                         "val_images": len(val), **({"init_from": init} if init else {})}}
+                                         "val_images": len(val), "val_postprocess": dict(post),
+                                         **({"init_from": init} if init else {})}}
     history: list[dict[str, Any]] = []
     best: tuple[float, float] | None = None
     running = 0.0

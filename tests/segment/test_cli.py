@@ -60,15 +60,19 @@ def test_train_a_few_steps(tmp_path: Path, tiny_set: Path) -> None:
 def test_train_continues_from_a_segmenter_folder(tmp_path: Path, tiny_set: Path) -> None:
     """--init-from starts at the given weights (the first step moves them only a little) and records where
     it started; a folder that is not a segmenter is one red line."""
-    from chromobatch.segment.learned import load_segmenter_folder
+    from chromobatch.segment.learned import load_segmenter_folder, update_meta
 
     first, second = tmp_path / "first", tmp_path / "second"
     common = ("--data", str(tiny_set), "--steps", "1", "--val-every", "1", "--batch-size", "1")
     assert _cli("segment", "train", "--out", str(first), *common).returncode == 0
+    tuned = {**json.loads((first / "model.json").read_text())["postprocess"], "min_area": 77}
+    update_meta(first, {"postprocess": tuned})  # a value neither the defaults nor the grid has
     r = _cli("segment", "train", "--out", str(second), "--init-from", str(first), "--lr", "1e-6", *common)
     assert r.returncode == 0, r.stderr
     meta = json.loads((second / "model.json").read_text())
     assert meta["training"]["init_from"]["folder"] == str(first) and meta["training"]["config"]["lr"] == 1e-6
+    # checkpoints are chosen with the start's tuned post-processing, not the untrained defaults
+    assert meta["training"]["val_postprocess"] == tuned
     a = load_segmenter_folder(first).net.state_dict()
     b = load_segmenter_folder(second).net.state_dict()
     fresh = load_segmenter_folder(first).net.__class__(tuple(meta["channels"])).state_dict()
