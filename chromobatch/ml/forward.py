@@ -41,7 +41,13 @@ class Engine(Protocol):
 
 
 class TorchEngine:
-    """PyTorch eager, channels_last: bf16 autocast on a GPU (the default there), fp32 or bf16 on the CPU."""
+    """PyTorch eager, channels_last: bf16 autocast on a GPU (the default there), fp32 or bf16 on the CPU.
+
+    In bf16 only the backbone runs in bf16; the head (`embed`, `classifier`: two small linear layers, under 1% of
+    the work) stays fp32. Why: bf16 keeps 8 bits of mantissa, so logits rounded to bf16 tie or swap where two
+    classes are close. On the g612 validation split the whole network in bf16 changed the top class of 4 of
+    4,091 crops, with the head in fp32 none, at the same speed (docs/results.md).
+    """
 
     runtime = "torch"
 
@@ -51,34 +57,50 @@ class TorchEngine:
         self.precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        #: what runs: the network, or for serving a copy with each BatchNorm folded into its convolution
-        self.module: torch.nn.Module = _folded(net) if fold_batchnorm else net
+        #: what runs up to the pooled features: the backbone, or for serving a copy with each BatchNorm folded
+        #: into its convolution
+        self.pooled: torch.nn.Module = _folded(net) if fold_batchnorm else _Pooled(net)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
-        with ctx:
-            emb, logits = self.module(x)
-        return emb, logits
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                pooled = self.pooled(x)
+            pooled = pooled.float()
+        else:
+            pooled = self.pooled(x)
+        emb = self.net.embed(pooled)
+        return emb, self.net.classifier(emb)
 
     def __repr__(self) -> str:
         return f"TorchEngine({self.device}, {self.precision})"
 
 
+class _Pooled(torch.nn.Module):
+    """The network up to its pooled features (what `ChromosomeNet.embed` takes), sharing the net's modules."""
+
+    def __init__(self, net: ChromosomeNet) -> None:
+        super().__init__()
+        self.backbone = net.backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)  # type: ignore[operator]
+
+
 def _folded(net: ChromosomeNet) -> torch.nn.Module:
-    """An eval-mode copy of `net` with BatchNorm folded into the convolution before it (torch.fx), for serving:
-    eager PyTorch runs BatchNorm as a pass of its own (13% of a resnet18 forward on the CPU; folded, fp32
-    146 -> 156 and bf16 265 -> 290 images/s on AMD EPYC Zen 4, logits within 6e-6). ONNX Runtime and OpenVINO
-    fold it themselves. A network torch.fx cannot trace is served as it is."""
+    """An eval-mode copy of the backbone up to the pooled features with BatchNorm folded into the convolution
+    before it (torch.fx), for serving: eager PyTorch runs BatchNorm as a pass of its own (13% of a resnet18
+    forward on the CPU; folded, fp32 146 -> 156 and bf16 265 -> 290 images/s on AMD EPYC Zen 4, logits within
+    6e-6). ONNX Runtime and OpenVINO fold it themselves. A network torch.fx cannot trace is served as it is."""
     import copy
 
     from torch.fx.experimental.optimization import fuse
 
     try:
-        folded = fuse(copy.deepcopy(net).eval())
+        folded = fuse(copy.deepcopy(_Pooled(net)).eval())
     except Exception as exc:  # noqa: BLE001 - any tracing failure: serve the network unfolded
         log.info("BatchNorm not folded (%s: %s); serving the network as it is", type(exc).__name__, exc)
-        return net
+        return _Pooled(net)
     return folded.to(memory_format=torch.channels_last)
 
 

@@ -205,3 +205,23 @@ def test_a_primed_predictor_needs_no_second_pass(tiny_model_dir: Path, sqlite_pa
     assert predictor.forward_calls == before + 1, "primed crops must not run the network again"
     predictor.predict(case_a)  # taken once: a later call for the same crops predicts again
     assert predictor.forward_calls == before + 2
+
+
+def test_torch_bf16_keeps_the_head_in_fp32(tiny_model_dir: Path) -> None:
+    """bf16 rounds logits to 8 bits of mantissa, which swapped near-tied classes on real crops (docs/results.md):
+    the backbone runs in bf16, the two linear layers of the head take and give fp32."""
+    lm = load_model(tiny_model_dir)
+    seen: dict[str, torch.dtype] = {}
+    convs = [m for m in lm.net.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [convs[-1].register_forward_hook(lambda _m, _a, out: seen.__setitem__("backbone", out.dtype)),
+             lm.net.embed.register_forward_hook(lambda _m, a, out: seen.update(embed_in=a[0].dtype, embed=out.dtype)),
+             lm.net.classifier.register_forward_hook(lambda _m, _a, out: seen.__setitem__("logits", out.dtype))]
+    try:
+        engine = TorchEngine(lm.net, lm.device, "bf16")  # unfolded: the hooks sit on the modules that run
+        emb, logits = engine(generated_batch(tiny_model_dir)[:4])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {"backbone": torch.bfloat16, "embed_in": torch.float32, "embed": torch.float32,
+                    "logits": torch.float32}
+    assert emb.dtype == logits.dtype == torch.float32
