@@ -69,12 +69,14 @@ def segment_tune(
     remeasure_width: Annotated[bool, typer.Option("--remeasure-width/--keep-width",
                                                   help="Measure the training chromosome width again.")] = True,
 ) -> None:
-    """Choose the post-processing thresholds on the val split (what `train` does at its end)."""
+    """Choose the post-processing thresholds on the val split and the cluster rule on the train split (what
+    `train` does at its end)."""
     from chromobatch.segment.data import load_set
     from chromobatch.segment.train import retune
 
-    train = load_set(data, "train") if remeasure_width else None
-    result = retune(model, load_set(data, "val"), threads=threads, train=train, progress=typer.echo)
+    train = load_set(data, "train")
+    result = retune(model, load_set(data, "val"), threads=threads, train=train if remeasure_width else None,
+                    progress=typer.echo, clusters_on=train)
     typer.echo(f"updated {model / 'model.json'}: {json.dumps(result['postprocess'])}")
 
 

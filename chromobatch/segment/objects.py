@@ -2,8 +2,12 @@
 
 Cluster rule (both segmenters): an object much larger than the image's median chromosome (more than
 `CLUSTER_FACTOR` times its area) that could not be split is kept whole and flagged "cluster, about N
-chromosomes" with N = round(area / mean single-chromosome area), never guessed apart. The largest human chromosome is
-about twice the median one, so 2.5x leaves room for chromosome 1 while catching two or more stuck together.
+chromosomes" with N = round(area / (divisor x mean single-chromosome area)), at least 2, never guessed apart. The
+largest human chromosome is about twice the median one, so 2.5x leaves room for chromosome 1 while catching two or
+more stuck together. The learned segmenter tunes both numbers on its validation split (`segment.train`): on
+real Q-band spreads the chromosomes stuck together are mostly the large ones, so area over the mean single
+area overcounts them (bioimlab-metaphase train split: 148 estimated for 104 annotated), and objects of 2.2-3x
+the median are already more often two chromosomes than one (docs/results.md).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ CLUSTER_FACTOR = 2.5
 
 def regions_to_instances(labels: np.ndarray, scores: dict[int, float] | None = None,
                          min_area: int = 1, cluster_factor: float = CLUSTER_FACTOR,
-                         reference_area: float | None = None) -> list[Instance]:
+                         reference_area: float | None = None, cluster_divisor: float = 1.0) -> list[Instance]:
     """Each label > 0 of `labels` (H, W ints) as an Instance, small ones (< min_area px) dropped, large
     ones flagged as clusters relative to the median area (or `reference_area` when given)."""
     from scipy import ndimage as ndi
@@ -34,7 +38,7 @@ def regions_to_instances(labels: np.ndarray, scores: dict[int, float] | None = N
         box = (int(xs.start), int(ys.start), int(xs.stop), int(ys.stop))
         score = 1.0 if scores is None else float(scores.get(idx, 1.0))
         out.append(Instance(mask=mask, box=box, score=score))
-    flag_clusters(out, cluster_factor, reference_area)
+    flag_clusters(out, cluster_factor, reference_area, divisor=cluster_divisor)
     return out
 
 
@@ -55,10 +59,11 @@ def is_nucleus(mask: np.ndarray, width: float, *, min_width: float = 3.0, min_so
 
 
 def flag_clusters(instances: list[Instance], cluster_factor: float = CLUSTER_FACTOR,
-                  reference_area: float | None = None) -> None:
+                  reference_area: float | None = None, *, divisor: float = 1.0) -> None:
     """Mark instances far larger than the median chromosome (over `cluster_factor` x its area) as clusters
-    (in place). Their size N is the area over the *mean* area of the single chromosomes: total area over
-    mean area is the expected count, where the median (chromosome sizes are skewed) would overcount."""
+    (in place). Their size N is the area over `divisor` x the *mean* area of the single chromosomes (at least
+    2): total area over mean area is the expected count where clusters are a fair draw of chromosomes (the
+    median, sizes being skewed, would overcount); `divisor` > 1 where the clustered ones are the large ones."""
     if not instances:
         return
     areas = np.array([i.area for i in instances], dtype=np.float64)
@@ -71,7 +76,7 @@ def flag_clusters(instances: list[Instance], cluster_factor: float = CLUSTER_FAC
     mean = float(areas[~big].mean()) if (~big).any() else median
     for inst, area, flagged in zip(instances, areas, big, strict=True):
         if flagged:
-            inst.cluster = max(2, int(round(area / mean)))
+            inst.cluster = max(2, int(round(area / (divisor * mean))))
             inst.notes["cluster_reason"] = f"area {area / median:.1f}x the median chromosome, not separable"
             inst.score = min(inst.score, 0.5)
 
