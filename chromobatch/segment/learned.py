@@ -41,7 +41,8 @@ FORMAT = "chromobatch-segmenter"
 FORMAT_VERSION = 1
 #: Post-processing defaults (tuned on the validation split by `train`; model.json may override them).
 POSTPROCESS = {"fg_threshold": 0.5, "core_threshold": 0.5, "min_seed": 6, "min_area": 25,
-               "cluster_factor": 2.5, "merge_small": 0.0, "cluster_divisor": 1.0}
+               "cluster_factor": 2.5, "merge_small": 0.0, "cluster_divisor": 1.0,
+               "cluster_branched_below": 0.0}
 
 
 #: An image is resized only when its chromosomes are this much wider or narrower than in training.
@@ -153,13 +154,15 @@ class LearnedSegmenter:
         scores = _region_scores(labels, pfg, pcore)
         found = regions_to_instances(labels, scores, min_area=int(p["min_area"]),
                                      cluster_factor=float(p["cluster_factor"]),
-                                     cluster_divisor=float(p.get("cluster_divisor", 1.0)))
+                                     cluster_divisor=float(p["cluster_divisor"]),
+                                     cluster_branched_below=float(p["cluster_branched_below"]))
         width = float(self.meta.get("stroke_width") or 10.0)
         kept = [i for i in found if i.cluster == 1 or not is_nucleus(i.mask, width)]
         if len(kept) < len(found):  # a nucleus the network took for chromosomes: left out, clusters re-judged
             for i in kept:
                 i.cluster, i.notes = 1, {}
-            flag_clusters(kept, float(p["cluster_factor"]), divisor=float(p.get("cluster_divisor", 1.0)))
+            flag_clusters(kept, float(p["cluster_factor"]), divisor=float(p["cluster_divisor"]),
+                          branched_below=float(p["cluster_branched_below"]))
         return kept
 
     def prepare(self, grey: np.ndarray) -> Prepared:
@@ -185,8 +188,8 @@ class LearnedSegmenter:
         inst = self.instances_from(prep.probs, prep.nuclei)
         if prep.scale != 1.0:
             inst = _rescale_instances(inst, prep.shape, prep.scale)
-            flag_clusters(inst, float(self.post["cluster_factor"]),
-                          divisor=float(self.post.get("cluster_divisor", 1.0)))
+            flag_clusters(inst, float(self.post["cluster_factor"]), divisor=float(self.post["cluster_divisor"]),
+                          branched_below=float(self.post["cluster_branched_below"]))
         self.last_timing["watershed"] = time.perf_counter() - t0
         return inst
 

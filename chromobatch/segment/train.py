@@ -270,8 +270,13 @@ def tune_postprocess(seg: LearnedSegmenter, items: list[Annotated]) -> dict[str,
     return chosen
 
 
-CLUSTER_FACTORS = (2.2, 2.5, 3.0)
+#: not under 2.5: the largest single chromosome is about twice the median one, and up to 2.45x in clean
+#: synthetic G-band spreads (tests/service/test_metaphase_cases.py counts them exactly), though on bioimlab's
+#: Q-band training images objects of 2.2-2.5x already hold two chromosomes more often than one
+CLUSTER_FACTORS = (2.5, 3.0)
 CLUSTER_DIVISORS = (1.0, 1.5, 2.0)
+#: objects between the cluster factor and this many times the median area are clusters only when branched
+CLUSTER_BRANCHED_BELOW = 3.0
 
 
 def tune_clusters(seg: LearnedSegmenter, items: list[Annotated]) -> dict[str, Any]:
@@ -287,11 +292,13 @@ def tune_clusters(seg: LearnedSegmenter, items: list[Annotated]) -> dict[str, An
     chosen = dict(seg.post)
     for factor in CLUSTER_FACTORS:
         for divisor in CLUSTER_DIVISORS:
-            seg.post = {**chosen, "cluster_factor": factor, "cluster_divisor": divisor}
+            seg.post = {**chosen, "cluster_factor": factor, "cluster_divisor": divisor,
+                        "cluster_branched_below": CLUSTER_BRANCHED_BELOW}
             rank = (-round(evaluate(seg, items, prepared).mean_abs_count_error, 6), factor)
             if best is None or rank > best:
                 best, pick = rank, (factor, divisor)
     chosen["cluster_factor"], chosen["cluster_divisor"] = pick
+    chosen["cluster_branched_below"] = CLUSTER_BRANCHED_BELOW
     seg.post = chosen
     return chosen
 

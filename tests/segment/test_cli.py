@@ -52,7 +52,8 @@ def test_train_a_few_steps(tmp_path: Path, tiny_set: Path) -> None:
     assert r.returncode == 0, r.stderr
     meta = json.loads((out / "model.json").read_text())
     assert meta["format"] == "chromobatch-segmenter" and meta["training"]["steps_run"] == 2
-    assert set(meta["postprocess"]) >= {"fg_threshold", "core_threshold", "min_seed", "cluster_factor", "cluster_divisor"}
+    assert set(meta["postprocess"]) >= {"fg_threshold", "core_threshold", "min_seed", "cluster_factor",
+                                        "cluster_divisor", "cluster_branched_below"}
     assert (out / "history.json").is_file()
 
 
