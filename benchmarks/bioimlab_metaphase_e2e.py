@@ -1,7 +1,7 @@
 """End to end on real Q-band metaphases: the share of chromosomes both segmented and classified right.
 
     .venv/bin/python benchmarks/bioimlab_metaphase_e2e.py --model models/qband [--segmenter default]
-        [--data /work/data] [--split test] [--labels labels.json] [--json out.json]
+        [--data /work/data] [--split test] [--images original_2 original_7] [--labels labels.json] [--json out.json]
 
 bioimlab-metaphase annotates every chromosome with a polygon but no class. The classification crops of
 bioimlab metaphase N were cut from a spread like `original_N`, straightened for the karyogram: turned by any
@@ -240,10 +240,12 @@ def main() -> None:
                     help="a frame with at least this many labels is the crops' source; elsewhere a label is "
                          "reported apart (a lone pairing in a frame the crops were not cut from can be chance)")
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--images", nargs="+", help="only these images of the split (e.g. the crops' source frames)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     meta_root, crop_root = args.data / "bioimlab-metaphase", args.data / "bioimlab"
     rows = [r for r in csv.DictReader((meta_root / "manifest.csv").open()) if r["split"] == args.split]
+    rows = [r for r in rows if not args.images or Path(r["image"]).stem in args.images]
     rows = rows[:args.limit] if args.limit else rows
     crops_by_cell: dict[str, list[dict[str, str]]] = {}
     for r in csv.DictReader((crop_root / "manifest.csv").open()):
