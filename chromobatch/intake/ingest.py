@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from chromobatch.errors import EmptyCase, InputError
@@ -86,15 +87,19 @@ def store_in_session(s: Session, scanned: ScannedCase, *, status: str = CaseStat
             target.source_file, target.source_sha256, target.image_png = src.file, src.sha256, src.image_png
             target.count, target.segmentation = src.count, src.segmentation
     s.flush()
+    rows: list[dict[str, Any]] = []
+    now = utcnow()
     for a in scanned.accepted:
         if a.sha256 in existing:
             skipped += 1
             continue
-        s.add(Chromosome(case_pk=case.id, cell_id=cells[a.cell].id, source_file=a.file, sha256=a.sha256,
-                         width=int(a.crop.shape[1]), height=int(a.crop.shape[0]), polarity=a.polarity,
-                         crop_png=encode_png(a.crop), instance=a.instance, box=a.box, polygon=a.polygon,
-                         flags=a.flags))
-        added += 1
+        rows.append({"case_pk": case.id, "cell_id": cells[a.cell].id, "source_file": a.file, "sha256": a.sha256,
+                     "width": int(a.crop.shape[1]), "height": int(a.crop.shape[0]), "polarity": a.polarity,
+                     "crop_png": encode_png(a.crop), "instance": a.instance, "box": a.box, "polygon": a.polygon,
+                     "flags": a.flags, "created_at": now, "not_chromosome": False})
+    if rows:  # one multi-row INSERT: a case's chromosomes need no unit of work (read back by query)
+        s.execute(insert(Chromosome), rows)
+    added = len(rows)
     s.flush()
     old_rejects = {r.source_file: r for r in case.rejected}
     accepted_files = {a.file for a in scanned.accepted} | {m.file for m in scanned.metaphases}
