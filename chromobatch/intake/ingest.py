@@ -88,7 +88,6 @@ def store_in_session(s: Session, scanned: ScannedCase, *, status: str = CaseStat
             target.count, target.segmentation = src.count, src.segmentation
     s.flush()
     rows: list[dict[str, Any]] = []
-    now = utcnow()
     for a in scanned.accepted:
         if a.sha256 in existing:
             skipped += 1
@@ -96,7 +95,7 @@ def store_in_session(s: Session, scanned: ScannedCase, *, status: str = CaseStat
         rows.append({"case_pk": case.id, "cell_id": cells[a.cell].id, "source_file": a.file, "sha256": a.sha256,
                      "width": int(a.crop.shape[1]), "height": int(a.crop.shape[0]), "polarity": a.polarity,
                      "crop_png": encode_png(a.crop), "instance": a.instance, "box": a.box, "polygon": a.polygon,
-                     "flags": a.flags, "created_at": now, "not_chromosome": False})
+                     "flags": a.flags})
     if rows:  # one multi-row INSERT: a case's chromosomes need no unit of work (read back by query)
         s.execute(insert(Chromosome), rows)
     added = len(rows)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,18 +153,21 @@ class LearnedSegmenter:
         if nuclei is not None and nuclei.any():
             labels = _drop_on_nuclei(labels, nuclei)
         scores = _region_scores(labels, pfg, pcore)
-        found = regions_to_instances(labels, scores, min_area=int(p["min_area"]),
-                                     cluster_factor=float(p["cluster_factor"]),
-                                     cluster_divisor=float(p["cluster_divisor"]),
-                                     cluster_branched_below=float(p["cluster_branched_below"]))
+        found = regions_to_instances(labels, scores, min_area=int(p["min_area"]), cluster_factor=math.inf)
+        self._flag_clusters(found)
         width = float(self.meta.get("stroke_width") or 10.0)
         kept = [i for i in found if i.cluster == 1 or not is_nucleus(i.mask, width)]
         if len(kept) < len(found):  # a nucleus the network took for chromosomes: left out, clusters re-judged
             for i in kept:
                 i.cluster, i.notes = 1, {}
-            flag_clusters(kept, float(p["cluster_factor"]), divisor=float(p["cluster_divisor"]),
-                          branched_below=float(p["cluster_branched_below"]))
+            self._flag_clusters(kept)
         return kept
+
+    def _flag_clusters(self, instances: list[Instance]) -> None:
+        """`objects.flag_clusters` with this model's cluster rule (chosen on its training split)."""
+        p = self.post
+        flag_clusters(instances, float(p["cluster_factor"]), divisor=float(p["cluster_divisor"]),
+                      branched_below=float(p["cluster_branched_below"]))
 
     def prepare(self, grey: np.ndarray) -> Prepared:
         """The costly part of `segment`: nuclei and width (classical), the scale, the network's maps."""
@@ -188,8 +192,7 @@ class LearnedSegmenter:
         inst = self.instances_from(prep.probs, prep.nuclei)
         if prep.scale != 1.0:
             inst = _rescale_instances(inst, prep.shape, prep.scale)
-            flag_clusters(inst, float(self.post["cluster_factor"]), divisor=float(self.post["cluster_divisor"]),
-                          branched_below=float(self.post["cluster_branched_below"]))
+            self._flag_clusters(inst)
         self.last_timing["watershed"] = time.perf_counter() - t0
         return inst
 

@@ -22,8 +22,7 @@ CLUSTER_FACTOR = 2.5
 
 def regions_to_instances(labels: np.ndarray, scores: dict[int, float] | None = None,
                          min_area: int = 1, cluster_factor: float = CLUSTER_FACTOR,
-                         reference_area: float | None = None, cluster_divisor: float = 1.0,
-                         cluster_branched_below: float = 0.0) -> list[Instance]:
+                         reference_area: float | None = None) -> list[Instance]:
     """Each label > 0 of `labels` (H, W ints) as an Instance, small ones (< min_area px) dropped, large
     ones flagged as clusters relative to the median area (or `reference_area` when given)."""
     from scipy import ndimage as ndi
@@ -40,7 +39,7 @@ def regions_to_instances(labels: np.ndarray, scores: dict[int, float] | None = N
         box = (int(xs.start), int(ys.start), int(xs.stop), int(ys.stop))
         score = 1.0 if scores is None else float(scores.get(idx, 1.0))
         out.append(Instance(mask=mask, box=box, score=score))
-    flag_clusters(out, cluster_factor, reference_area, divisor=cluster_divisor, branched_below=cluster_branched_below)
+    flag_clusters(out, cluster_factor, reference_area)
     return out
 
 
