@@ -104,6 +104,7 @@ def end_to_end(model_dir: Path, src: list[Path], work: Path, runtime: str, batch
     settings = load_settings({"model": str(model_dir), "batch_size": batch, "device": "cpu", "runtime": runtime,
                               "precision": precision, "cache_dir": str(cache)})
     predictor = load_predictor(database, settings)
+    predictor.warm_up()  # as a watcher's worker does: the runtime's first pass, the render pool started
     engine = predictor.model.runner
     chosen = f"{getattr(engine, 'runtime', 'torch')} {getattr(engine, 'precision', 'fp32')}"
     process_case(database, cases[0], predictor=predictor, settings=settings, force=True)  # warm-up
@@ -120,6 +121,7 @@ def end_to_end(model_dir: Path, src: list[Path], work: Path, runtime: str, batch
     seconds = time.perf_counter() - t
     if profile is not None:
         profile.disable()
+    predictor.renderer.close()
     database.dispose()
     return n / seconds, dict(stages), chosen
 

@@ -52,6 +52,9 @@ class Settings:
     batch_cases: int = 0
     batch_size: int = 64
     loader_workers: int = 0
+    #: Watcher: processes that render the classifier's input canvases of a case before its forward pass
+    #: (`ml.renderpool`). 0: auto (the cores shared among the workers, at most 4 each); 1: in the worker itself.
+    render_processes: int = 0
     workers: int = 1
     poll_seconds: float = 0.0
     quiet_seconds: float = 5.0
@@ -113,6 +116,8 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {s.runtime!r}")
     if s.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
+    if s.render_processes < 0:
+        raise ConfigError(f"render_processes must be >= 0 (0: auto), got {s.render_processes}")
     if s.batch_cases < 0:
         raise ConfigError(f"batch_cases must be >= 0 (0: auto), got {s.batch_cases}")
     for name in ("batch_size", "workers", "max_attempts"):

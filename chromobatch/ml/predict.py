@@ -1,8 +1,10 @@
 """Batched inference: a loaded model registered in the database, fed by a DataLoader.
 
-Decoding and preprocessing run in DataLoader workers (configurable), the forward pass in batches across
-all cells of a case through `ml.forward` (the pass evaluation and training validate with), in the runtime
-and precision `ml.runtime.choose_engine` picked for the model (settings runtime, precision, cache_dir).
+A case's canvases are rendered first (across a pool of processes in a watcher, `ml.renderpool`), then the
+forward pass runs in batches across all cells of a case through `ml.forward` (the pass evaluation and
+training validate with), in the runtime and precision `ml.runtime.choose_engine` picked for the model
+(settings runtime, precision, cache_dir). With `loader_workers` > 0 a DataLoader renders beside the forward
+pass instead (for a GPU fed by a many-core host).
 
 Across cases (the watcher, settings.batch_cases): `prime` runs one forward pass over the crops of several
 waiting cases and keeps each crop's probabilities; each case's own `predict` call (inside its own pipeline
@@ -15,8 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from chromobatch.errors import ModelError
 from chromobatch.ml.folders import LoadedModel, load_model
 from chromobatch.ml.forward import as_engine, forward_canvases
 from chromobatch.ml.preprocess import render
+from chromobatch.ml.renderpool import RenderPool, auto_processes
 from chromobatch.ml.runtime import CELL_BATCH, calibration_canvases, choose_engine
 from chromobatch.store.db import Database, ModelVersion, active_model
 from chromobatch.store.states import Stain
@@ -58,29 +60,6 @@ class _Canvases(Dataset):
         return torch.from_numpy(render(self.crops[i], self.spec, self.medians[i]))
 
 
-def _rendered_ahead(crops: Sequence[np.ndarray], medians: Sequence[float | None], model: LoadedModel,
-                    batch: int) -> Iterator[torch.Tensor]:
-    """uint8 canvas batches, the next one rendered in a thread while the caller runs the forward pass of this
-    one (the runtimes release the GIL while they compute), so a case of several batches preprocesses while
-    it classifies. (Splitting one cell's 46 crops into two batches for the same overlap gained nothing on a
-    loaded 2-core machine, docs/benchmarks.md, so a batch stays settings.batch_size.)"""
-    def render_batch(i: int) -> torch.Tensor:
-        return torch.from_numpy(np.stack([render(c, model.spec, m) for c, m in
-                                          zip(crops[i:i + batch], medians[i:i + batch], strict=True)]))
-
-    starts = list(range(0, len(crops), batch))
-    if len(starts) == 1:
-        yield render_batch(0)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="render") as pool:
-        ahead = pool.submit(render_batch, starts[0])
-        for nxt in [*starts[1:], None]:
-            current = ahead.result()
-            if nxt is not None:
-                ahead = pool.submit(render_batch, nxt)
-            yield current
-
-
 class _Counted:
     """The model's engine, counting forward passes on the predictor (how tests see one pass for many cases)."""
 
@@ -99,13 +78,15 @@ class Predictor:
 
     def __init__(self, model: LoadedModel, version: ModelVersion, *, batch_size: int = 64,
                  loader_workers: int = 0, pinned: bool = False, runtime: str = "auto", precision: str = "auto",
-                 cache_dir: str = "") -> None:
+                 cache_dir: str = "", render_processes: int = 0, workers: int = 1) -> None:
         self.model = model
         self.version_id = version.id
         self.version_name = f"{version.name} {version.version}"
         self.sha256 = version.sha256
         self.batch_size = batch_size
         self.loader_workers = loader_workers
+        #: renders canvases across processes once `warm_up` started it (a watcher); in-process until then
+        self.renderer = RenderPool(auto_processes(render_processes, workers))
         #: True when the model was named explicitly: never swapped for the database's active model, and it reads
         #: every case whatever its stain.
         self.pinned = pinned
@@ -133,7 +114,8 @@ class Predictor:
             batches = DataLoader(_Canvases(crops, medians, self.model), batch_size=size, shuffle=False,
                                  num_workers=self.loader_workers, pin_memory=self.model.device.type == "cuda")
         else:
-            batches = _rendered_ahead(crops, medians, self.model, size)
+            canvases = torch.from_numpy(self.renderer.render(crops, medians, self.model.spec))
+            batches = [canvases[i:i + size] for i in range(0, len(crops), size)]
         probs, _ = forward_canvases(_Counted(self), batches, self.model.device, embeddings=False)
         return probs.numpy().astype(np.float32)
 
@@ -148,7 +130,9 @@ class Predictor:
 
     def warm_up(self) -> None:
         """One pass over a generated batch of a cell's size (CELL_BATCH): a runtime's first call compiles, allocates and
-        picks its kernels for the shape, a second or more that a watcher's first case would otherwise wait."""
+        picks its kernels for the shape, a second or more that a watcher's first case would otherwise wait. And
+        the render pool's processes started: a long-lived process (the watcher) renders on every core."""
+        self.renderer.start()
         canvases = calibration_canvases(min(self.batch_size, CELL_BATCH), self.model.spec.input_size)
         calls = self.forward_calls
         forward_canvases(_Counted(self), [canvases], self.model.device, embeddings=False)

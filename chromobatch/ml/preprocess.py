@@ -24,14 +24,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 
 from chromobatch.errors import ModelError
 from chromobatch.ml.geometry import median, upright
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,8 @@ def render(crop: np.ndarray, spec: PreprocessSpec, cell_median_length: float | N
 
 def to_tensor(canvases: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 canvases (..., S, S) -> float in [0, 1]; the single conversion used everywhere."""
+    import torch  # here, not at the top: render pool workers (`ml.renderpool`) import this module without torch
+
     t = torch.as_tensor(canvases)
     return t.float().div_(255.0)
 

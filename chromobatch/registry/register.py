@@ -107,7 +107,8 @@ def _predictor(database: Database, settings: Settings, model: LoadedModel, *, pi
     model.engine = choose_engine(model, settings.runtime, settings.precision, settings.cache_dir, settings.batch_size)
     return Predictor(model, version, batch_size=settings.batch_size, loader_workers=settings.loader_workers,
                      pinned=pinned, runtime=settings.runtime, precision=settings.precision,
-                     cache_dir=settings.cache_dir)
+                     cache_dir=settings.cache_dir, render_processes=settings.render_processes,
+                     workers=settings.workers)
 
 
 class StainRoutes:

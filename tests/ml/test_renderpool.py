@@ -1,0 +1,125 @@
+"""The render pool: a case's canvases rendered across processes, the same bytes as in-process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chromobatch.config import load_settings
+from chromobatch.errors import ConfigError
+from chromobatch.ml.preprocess import PreprocessSpec
+from chromobatch.ml.renderpool import MIN_FOR_POOL, RenderPool, auto_processes, render_chunk
+from tests.helpers import chromosome_array
+
+SPEC = PreprocessSpec(mode="fit", input_size=48, orient="upright")
+
+
+def _crops(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    out = []
+    for i in range(n):
+        arr = chromosome_array(length=int(rng.integers(20, 70)), width=int(rng.integers(6, 12)), canvas=90)
+        out.append(np.ascontiguousarray(np.rot90(arr, k=i % 4)))
+    return out
+
+
+@pytest.fixture
+def pool() -> Iterator[RenderPool]:
+    p = RenderPool(2)
+    p.start()
+    yield p
+    p.close()
+
+
+def test_the_pool_renders_the_same_canvases_as_the_process_itself(pool: RenderPool) -> None:
+    crops = _crops(MIN_FOR_POOL + 13)
+    medians: list[float | None] = [None] * len(crops)
+    assert pool.running
+    got = pool.render(crops, medians, SPEC)
+    want = render_chunk(crops, medians, SPEC)
+    assert got.shape == (len(crops), 48, 48) and got.dtype == np.uint8
+    assert np.array_equal(got, want)
+    cell_spec = PreprocessSpec(mode="cell", input_size=48)
+    medians = [40.0 + i % 3 for i in range(len(crops))]
+    assert np.array_equal(pool.render(crops, medians, cell_spec), render_chunk(crops, medians, cell_spec))
+
+
+def test_a_killed_worker_is_logged_and_the_case_still_renders(pool: RenderPool,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    crops = _crops(MIN_FOR_POOL)
+    medians: list[float | None] = [None] * len(crops)
+    executor = pool._pool
+    assert executor is not None
+    victim = next(iter(executor._processes))  # a worker's pid
+    os.kill(victim, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING, logger="chromobatch.ml.renderpool"):
+        got = pool.render(crops, medians, SPEC)
+    assert np.array_equal(got, render_chunk(crops, medians, SPEC))
+    assert "render pool broke" in caplog.text
+    assert pool.running and pool._pool is not executor  # a new pool for the next case
+    assert np.array_equal(pool.render(crops, medians, SPEC), got)
+
+
+def test_a_pool_of_one_or_not_started_renders_in_process() -> None:
+    crops = _crops(MIN_FOR_POOL)
+    one = RenderPool(1)
+    one.start()
+    assert not one.running
+    assert np.array_equal(one.render(crops, [None] * len(crops), SPEC), render_chunk(crops, [None] * len(crops), SPEC))
+
+
+def test_workers_import_no_torch() -> None:
+    """Each worker process imports the render module; without torch it costs tens of MB, not hundreds."""
+    code = "import sys, chromobatch.ml.renderpool; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False"
+
+
+def test_the_setting_shares_the_cores_among_workers() -> None:
+    cores = os.cpu_count() or 1
+    assert auto_processes(0) == max(1, min(cores, 4))
+    assert auto_processes(0, workers=cores) == 1
+    assert auto_processes(3) == 3
+    assert load_settings({"render_processes": 1}).render_processes == 1
+    with pytest.raises(ConfigError, match="render_processes"):
+        load_settings({"render_processes": -1})
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """A watcher killed with -9 leaves no render worker behind."""
+    code = ("import os, sys, time\n"
+            "from chromobatch.ml.renderpool import RenderPool\n"
+            "p = RenderPool(2)\n"
+            "p.start()\n"
+            "print(' '.join(str(pid) for pid in p._pool._processes), flush=True)\n"
+            "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    assert parent.stdout is not None
+    workers = [int(x) for x in parent.stdout.readline().split()]
+    assert len(workers) == 2 and all(_alive(w) for w in workers)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
