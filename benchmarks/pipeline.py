@@ -114,8 +114,9 @@ def watcher_latency(model_dir: Path, work: Path, device: str, repeats: int = 3) 
                     raise RuntimeError("watcher did not process the case within 120 s")
                 time.sleep(0.01)
             latencies.append(time.perf_counter() - t0)
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        hwm_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+        hwm_kb = _peak_rss_kb(proc.pid)
+        children = _children(proc.pid)  # the render pool's processes (ml.renderpool)
+        children_kb = sum(_peak_rss_kb(c) for c in children)
         database.dispose()
     finally:
         proc.terminate()
@@ -124,7 +125,26 @@ def watcher_latency(model_dir: Path, work: Path, device: str, repeats: int = 3) 
         except subprocess.TimeoutExpired:
             proc.kill()
     return {"latency_median_s": float(np.median(latencies)), "latency_all_s": latencies,
-            "watcher_peak_rss_mb": hwm_kb / 1024}
+            "watcher_peak_rss_mb": hwm_kb / 1024, "watcher_children": len(children),
+            "watcher_children_peak_rss_mb": children_kb / 1024}
+
+
+def _peak_rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
 
 
 def main() -> None:

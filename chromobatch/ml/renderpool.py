@@ -78,14 +78,22 @@ class RenderPool:
         return self._pool is not None
 
     def start(self) -> None:
-        """Start the workers (a second or so: each imports numpy, scipy and Pillow). No-op with one process."""
+        """Start the workers (a second or so: each imports numpy, scipy and Pillow). No-op with one process.
+        A pool that cannot start (a script without an `if __name__ == "__main__":` guard, which the spawned
+        workers import again) is logged, and the process renders in-process."""
         if self._pool is not None or self.processes <= 1:
             return
         # spawn: a fork of a process whose PyTorch and OpenMP threads are running can hang in the child
-        self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_worker_init, initargs=(os.getpid(),))
-        list(self._pool.map(render_chunk, [[]] * self.processes, [[]] * self.processes,
-                            [PreprocessSpec()] * self.processes))  # wait until every worker has imported
+        pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(os.getpid(),))
+        try:  # wait until every worker has imported what it needs
+            list(pool.map(render_chunk, [[]] * self.processes, [[]] * self.processes,
+                          [PreprocessSpec()] * self.processes))
+        except (BrokenProcessPool, OSError, RuntimeError) as exc:
+            log.warning("render pool not started (%s: %s); rendering in-process", type(exc).__name__, exc)
+            pool.shutdown(wait=False, cancel_futures=True)
+            return
+        self._pool = pool
         log.info("rendering classifier input in %d processes", self.processes)
 
     def render(self, crops: Sequence[np.ndarray], medians: Sequence[float | None],

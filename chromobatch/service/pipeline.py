@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from chromobatch import CLASSES
@@ -303,6 +303,7 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
     existing = {p.chromosome_id: p for p in s.query(Prediction).join(Chromosome)
                 .filter(Chromosome.case_pk == case_pk, Prediction.model_version_id == predictor.version_id)}
     cell_results = []
+    new_rows: list[dict[str, Any]] = []  # one multi-row INSERT for the case, as ingest does for its chromosomes
     n_total = 0
     not_used, unplaced = _files_not_used(s, case_pk, {c.name for c in cells if c.chromosomes})
     for cell in cells:
@@ -346,15 +347,18 @@ def _predict_and_summarise(s: Session, case_pk: int, predictor: Predictor, setti
                 flags.append("count_anomaly")
             if changed:
                 flags.append("reassigned")
+            values = {"label": raw, "assigned_label": label, "confidence": conf,
+                      "probabilities": [round(float(x), 6) for x in p], "flags": flags}
             row = existing.get(c.id)
             if row is None:
-                row = Prediction(chromosome_id=c.id, model_version_id=predictor.version_id)
-                s.add(row)
-            row.label, row.assigned_label, row.confidence = raw, label, conf
-            row.probabilities = [round(float(x), 6) for x in p]
-            row.flags = flags
+                new_rows.append({"chromosome_id": c.id, "model_version_id": predictor.version_id, **values})
+            else:  # the same model again (force, or a delivery that added to the case): updated in place
+                for key, value in values.items():
+                    setattr(row, key, value)
         cell_results.append(kt)
         n_total += len(chroms)
+    if new_rows:
+        s.execute(insert(Prediction), new_rows)
     summary: dict[str, Any] = summarise(cell_results, case_files_not_used=unplaced)
     counted = {c.name: c.count for c in cells if c.count is not None}
     for entry in summary["cells"]:
