@@ -89,7 +89,8 @@ class RenderPool:
         try:  # wait until every worker has imported what it needs
             list(pool.map(render_chunk, [[]] * self.processes, [[]] * self.processes,
                           [PreprocessSpec()] * self.processes))
-        except (BrokenProcessPool, OSError, RuntimeError) as exc:
+        except (BrokenProcessPool, OSError) as exc:  # not RuntimeError: that is how a guard-less script's
+            # re-import must fail in the child (it would otherwise run the whole script there)
             log.warning("render pool not started (%s: %s); rendering in-process", type(exc).__name__, exc)
             pool.shutdown(wait=False, cancel_futures=True)
             return

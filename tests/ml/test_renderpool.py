@@ -123,3 +123,20 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+def test_a_script_without_a_main_guard_renders_in_process(tmp_path: Path) -> None:
+    """Spawned workers import the main script again; without `if __name__ == "__main__":` they cannot start.
+    That is logged and the script goes on rendering in its own process instead of failing."""
+    script = tmp_path / "no_guard.py"
+    script.write_text("import logging\n"
+                      "logging.basicConfig(level=logging.WARNING)\n"
+                      "from chromobatch.ml.renderpool import RenderPool\n"
+                      "p = RenderPool(2)\n"
+                      "p.start()\n"
+                      "print('running:', p.running)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "render pool not started" in out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "running: False"
