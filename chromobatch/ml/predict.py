@@ -1,10 +1,11 @@
-"""Batched inference: a loaded model registered in the database, fed by a DataLoader.
+"""Batched inference: a loaded model registered in the database, classifying a case's crops in batches.
 
 A case's canvases are rendered first (across a pool of processes in a watcher, `ml.renderpool`), then the
 forward pass runs in batches across all cells of a case through `ml.forward` (the pass evaluation and
 training validate with), in the runtime and precision `ml.runtime.choose_engine` picked for the model
-(settings runtime, precision, cache_dir). With `loader_workers` > 0 a DataLoader renders beside the forward
-pass instead (for a GPU fed by a many-core host).
+(settings runtime, precision, cache_dir). With `loader_workers` > 0 a DataLoader's workers render beside the
+forward pass instead (a setting, not measured this way; rendering beside the forward pass in a thread was
+slower than rendering first on 2 CPU cores, docs/benchmarks.md).
 
 Across cases (the watcher, settings.batch_cases): `prime` runs one forward pass over the crops of several
 waiting cases and keeps each crop's probabilities; each case's own `predict` call (inside its own pipeline
