@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import chromosome_array
 
 from chromobatch.config import load_settings
 from chromobatch.errors import ConfigError
 from chromobatch.ml.preprocess import PreprocessSpec
 from chromobatch.ml.renderpool import MIN_FOR_POOL, RenderPool, auto_processes, render_chunk
-from tests.helpers import chromosome_array
 
 SPEC = PreprocessSpec(mode="fit", input_size=48, orient="upright")
 
