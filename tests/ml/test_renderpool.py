@@ -140,3 +140,25 @@ def test_a_script_without_a_main_guard_renders_in_process(tmp_path: Path) -> Non
     assert out.returncode == 0, out.stderr[-2000:]
     assert "render pool not started" in out.stderr
     assert out.stdout.strip().splitlines()[-1] == "running: False"
+
+
+def test_a_watchers_predictor_classifies_the_same_with_its_pool(tiny_model_dir: Path, sqlite_path: Path) -> None:
+    """`warm_up` (what a watcher's worker calls) starts the pool; a case large enough to use it gets the
+    same probabilities as rendered in-process, also through `prime` (several cases in one pass)."""
+    from chromobatch.registry.register import load_predictor
+    from chromobatch.store.db import connect
+
+    with connect(sqlite_path) as database:
+        predictor = load_predictor(database, load_settings({"model": str(tiny_model_dir), "runtime": "torch",
+                                                            "render_processes": 2}))
+    crops = _crops(MIN_FOR_POOL + 6)
+    in_process = predictor.predict(crops)
+    assert not predictor.renderer.running
+    predictor.warm_up()
+    try:
+        assert predictor.renderer.running
+        np.testing.assert_array_equal(predictor.predict(crops), in_process)
+        predictor.prime(crops)
+        np.testing.assert_array_equal(predictor.predict(crops), in_process)
+    finally:
+        predictor.renderer.close()
