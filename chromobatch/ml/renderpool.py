@@ -108,7 +108,7 @@ class RenderPool:
             parts = list(self._pool.map(render_chunk, [crops[i:i + step] for i in starts],
                                         [medians[i:i + step] for i in starts], [spec] * len(starts)))
         except BrokenProcessPool as exc:
-            log.warning("render pool broke (%s); rendering in-process, a new pool starts with the next case", exc)
+            log.warning("render pool broke (%s); rendering this case in-process and starting a new pool", exc)
             self.close()
             out = render_chunk(crops, medians, spec)
             self.start()
