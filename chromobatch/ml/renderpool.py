@@ -113,7 +113,7 @@ class RenderPool:
             out = render_chunk(crops, medians, spec)
             self.start()
             return out
-        return np.concatenate(parts) if parts else render_chunk(crops, medians, spec)
+        return np.concatenate(parts)  # never empty: fewer than MIN_FOR_POOL crops rendered in-process above
 
     def close(self) -> None:
         if self._pool is not None:
