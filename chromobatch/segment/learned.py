@@ -31,7 +31,7 @@ import chromobatch
 from chromobatch.errors import ModelError
 from chromobatch.files import atomic_write, load_weights, read_json_meta, sha256_file
 from chromobatch.segment.base import Instance
-from chromobatch.segment.objects import flag_clusters, is_nucleus, regions_to_instances
+from chromobatch.segment.objects import branches, flag_clusters, is_nucleus, regions_to_instances
 from chromobatch.segment.unet import UNet, pad_to_stride
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,11 @@ FORMAT_VERSION = 1
 #: Post-processing defaults (tuned on the validation split by `train`; model.json may override them).
 POSTPROCESS = {"fg_threshold": 0.5, "core_threshold": 0.5, "min_seed": 6, "min_area": 25,
                "cluster_factor": 2.5, "merge_small": 0.0, "cluster_divisor": 1.0,
-               "cluster_branched_below": 0.0}
+               "cluster_branched_below": 0.0, "split_factor": 0.0, "split_min_piece": 0.4}
+
+#: Core thresholds tried, lowest first, when a large object's core is raised until it falls apart
+#: (`_split_merged`); only those above the model's own core threshold.
+SPLIT_LEVELS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 #: An image is resized only when its chromosomes are this much wider or narrower than in training.
@@ -150,6 +154,8 @@ class LearnedSegmenter:
         labels, _, _ = _relabel(labels)
         if float(p.get("merge_small", 0.0)) > 0:
             labels, _, _ = _relabel(_merge_fragments(labels, float(p["merge_small"])))
+        if float(p.get("split_factor", 0.0)) > 0:
+            labels = _split_merged(labels, pcore, p)
         if nuclei is not None and nuclei.any():
             labels = _drop_on_nuclei(labels, nuclei)
         scores = _region_scores(labels, pfg, pcore)
@@ -264,6 +270,67 @@ def _merge_fragments(labels: np.ndarray, fraction: float) -> np.ndarray:
         if len(neighbours):
             region[mine] = np.bincount(neighbours).argmax()
     return out
+
+
+def _split_merged(labels: np.ndarray, pcore: np.ndarray, p: dict[str, Any]) -> np.ndarray:
+    """Large objects that look like two or more chromosomes stuck together, split where their core map allows.
+
+    Why: one core threshold for the whole image is a compromise; where two chromosomes touch or cross, their
+    cores often still join at it, but part at a higher one. So for each object over `split_factor` x the
+    median area (and forked, below `cluster_branched_below` x the median: the cluster rule's test for a
+    merge), the core threshold is raised inside it (SPLIT_LEVELS) until the core breaks into two or more
+    seeds of `min_seed` pixels; a watershed on the core map then cuts the object. The cut is kept only if
+    every piece is at least `split_min_piece` x the median area and there are no more pieces than the object's
+    estimated chromosome count (its area over `cluster_divisor` x the mean single area, at least 2), so a
+    long chromosome whose core thins at the centromere is not cut into arms. What stays whole is judged by
+    the cluster rule as before. Chosen on the training split by count (`train.tune_splits`).
+    """
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    areas = np.bincount(labels.ravel())
+    if len(areas) <= 2:
+        return labels
+    median = float(np.median(areas[1:]))
+    factor = float(p["split_factor"])
+    singles = areas[1:][areas[1:] <= factor * median]
+    mean_single = float(singles.mean()) if singles.size else median
+    levels = [t for t in SPLIT_LEVELS if t > float(p["core_threshold"])]
+    branched_below = float(p.get("cluster_branched_below", 0.0))
+    divisor = float(p.get("cluster_divisor", 1.0))
+    min_seed = int(p["min_seed"])
+    out = labels.copy()
+    next_label = int(labels.max()) + 1
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None or areas[i] <= factor * median:
+            continue
+        region = labels[sl] == i
+        if areas[i] <= branched_below * median and not branches(region):
+            continue
+        most = max(2, int(round(areas[i] / (divisor * mean_single))))
+        core = pcore[sl]
+        for level in levels:
+            seeds, n = ndi.label((core > level) & region)
+            if n < 2:
+                continue
+            sizes = np.bincount(seeds.ravel())
+            small = sizes < min_seed
+            small[0] = False
+            seeds[small[seeds]] = 0
+            seeds, _, _ = _relabel(seeds)
+            n = int(seeds.max())
+            if n < 2:
+                continue
+            pieces = watershed(-core, markers=seeds, mask=region)
+            if (np.bincount(pieces.ravel())[1:] < float(p["split_min_piece"]) * median).any():
+                continue
+            if n <= most:
+                view = out[sl]
+                for k in range(2, n + 1):
+                    view[pieces == k] = next_label
+                    next_label += 1
+            break  # too many pieces at this level means more at the next: keep the object whole
+    return _relabel(out)[0]
 
 
 def _region_scores(labels: np.ndarray, pfg: np.ndarray, pcore: np.ndarray) -> dict[int, float]:

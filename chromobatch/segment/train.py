@@ -279,7 +279,8 @@ CLUSTER_DIVISORS = (1.0, 1.5, 2.0)
 CLUSTER_BRANCHED_BELOW = 3.0
 
 
-def tune_clusters(seg: LearnedSegmenter, items: list[Annotated]) -> dict[str, Any]:
+def tune_clusters(seg: LearnedSegmenter, items: list[Annotated], prepared: list[Prepared] | None = None
+                  ) -> dict[str, Any]:
     """Choose when an object is flagged as a cluster and how its size is estimated (`objects.flag_clusters`):
     the pair with the smallest mean count error on `items`, the larger factor (fewer flags) on a tie.
 
@@ -287,7 +288,7 @@ def tune_clusters(seg: LearnedSegmenter, items: list[Annotated]) -> dict[str, An
     (F1 is the same for every pair), and a count rule learnt from the few merged objects of a validation
     split of about twenty images follows chance (bioimlab-metaphase: 22 validation images, 827 objects; the
     107 training images hold 4,440)."""
-    prepared = [seg.prepare(a.grey) for a in items]
+    prepared = prepared if prepared is not None else [seg.prepare(a.grey) for a in items]
     best: tuple[float, float] | None = None
     chosen = dict(seg.post)
     for factor in CLUSTER_FACTORS:
@@ -299,6 +300,36 @@ def tune_clusters(seg: LearnedSegmenter, items: list[Annotated]) -> dict[str, An
                 best, pick = rank, (factor, divisor)
     chosen["cluster_factor"], chosen["cluster_divisor"] = pick
     chosen["cluster_branched_below"] = CLUSTER_BRANCHED_BELOW
+    seg.post = chosen
+    return chosen
+
+
+#: `_split_merged` settings tried by `tune_splits` (0 = no splitting)
+SPLIT_FACTORS = (0.0, 1.8, 2.2, 2.5)
+SPLIT_MIN_PIECES = (0.4, 0.55)
+
+
+def tune_splits(seg: LearnedSegmenter, items: list[Annotated], prepared: list[Prepared] | None = None
+                ) -> dict[str, Any]:
+    """Choose when a large object is split at a higher core threshold (`learned._split_merged`): the pair
+    with the smallest mean count error on `items`, then the most exact counts; on a tie, no splitting or the
+    larger factor (fewer cuts).
+
+    Why by count on the training images, like the cluster rule: a split adds instances, so F1 follows it too,
+    but the count is where a wrong cut shows (a chromosome cut into arms counts twice), and merged objects
+    are too few on the validation split to choose from (about twenty; the training split holds ~250)."""
+    prepared = prepared if prepared is not None else [seg.prepare(a.grey) for a in items]
+    best: tuple[float, ...] | None = None
+    chosen = dict(seg.post)
+    for factor in SPLIT_FACTORS:
+        for piece in SPLIT_MIN_PIECES if factor > 0 else SPLIT_MIN_PIECES[:1]:
+            seg.post = {**chosen, "split_factor": factor, "split_min_piece": piece}
+            s = evaluate(seg, items, prepared)
+            log.info("split factor %s, smallest piece %s: %s", factor, piece, json.dumps(s.summary()))
+            rank = (-round(s.mean_abs_count_error, 6), round(s.exact_count, 6), factor == 0, factor, piece)
+            if best is None or rank > best:
+                best, pick = rank, (factor, piece)
+    chosen["split_factor"], chosen["split_min_piece"] = pick
     seg.post = chosen
     return chosen
 
@@ -410,7 +441,8 @@ def retune(folder: Path, val: list[Annotated], threads: int = 1, train: list[Ann
            ) -> dict[str, Any]:
     """Tune a saved segmenter's post-processing on validation images and write it to its model.json
     (with `train`, the reference chromosome width is measured again first, the way inference measures;
-    with `clusters_on`, the cluster rule is chosen on those images, the training split: `tune_clusters`)."""
+    with `clusters_on`, the cluster rule and then the splitting of merged objects are chosen on those images,
+    the training split: `tune_clusters`, `tune_splits`)."""
     from chromobatch.segment.learned import load_segmenter_folder
 
     say = progress or log.info
@@ -419,7 +451,9 @@ def retune(folder: Path, val: list[Annotated], threads: int = 1, train: list[Ann
     seg = load_segmenter_folder(folder, threads=threads)
     chosen = tune_postprocess(seg, val)
     if clusters_on:
-        chosen = tune_clusters(seg, clusters_on)
+        prepared = [seg.prepare(a.grey) for a in clusters_on]
+        chosen = tune_clusters(seg, clusters_on, prepared)
+        chosen = tune_splits(seg, clusters_on, prepared)
     s = evaluate(seg, val)
     meta = read_meta(folder)
     update_meta(folder, {"postprocess": chosen, "training": {**meta.get("training", {}), "val_tuned": s.summary()}})
