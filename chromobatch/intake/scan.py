@@ -16,7 +16,7 @@ import hashlib
 import os
 import stat
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,12 +146,20 @@ def case_input_kind(case_dir: Path, setting: str = "auto") -> str:
     return word
 
 
+#: Maps a function over chunks of a list in other processes, results in order (`ml.renderpool.RenderPool.map`):
+#: `mapper(fn, items)` == `fn(items)`. scan_case reads the files of a large case through it.
+Mapper = Callable[[Callable[[list[Any]], list[Any]], list[Any]], list[Any]]
+
+
 def scan_case(case_dir: Path, *, polarity: str = "auto", max_pixels: int = MAX_PIXELS,
-              input_kind: str = "auto") -> ScannedCase:
+              input_kind: str = "auto", mapper: Mapper | None = None) -> ScannedCase:
     """Read and validate every file of a case folder; never raises for a bad file.
 
     input_kind: auto (each image is told apart by chromobatch.intake.metaphase), crops or metaphase; the
     case's input.txt overrides it.
+    mapper: reads and decodes the files in other processes (a watcher's worker passes its pool); what is
+    accepted, rejected and why is the same as in-process, because every decision that depends on another file
+    (duplicates, DICOM tags that must agree, one metaphase per cell) is taken afterwards, here, in file order.
     """
     case_dir = Path(case_dir)
     if not case_dir.is_dir():
@@ -159,8 +167,8 @@ def scan_case(case_dir: Path, *, polarity: str = "auto", max_pixels: int = MAX_P
     scanned = ScannedCase(case_id=validate_case_id(case_dir.name), path=case_dir.resolve())
     scanned.input_kind = case_input_kind(case_dir, input_kind)
     root = scanned.path
-    seen: dict[str, str] = {}
-    kinds: Counter[str] = Counter()
+    jobs: list[_Job] = []
+
     def unreadable(err: OSError) -> None:
         where = Path(err.filename or root)
         rel = where.relative_to(root).as_posix() if where.is_relative_to(root) else str(where)
@@ -193,10 +201,18 @@ def scan_case(case_dir: Path, *, polarity: str = "auto", max_pixels: int = MAX_P
                     reason = "symlink points outside the case folder"
                 elif not target.is_file():
                     reason = "symlink does not point to a file"
-            if reason is None:
-                reason = _read_one(full, rel, root, here, scanned, seen, kinds, polarity, max_pixels)
             if reason is not None:
                 scanned.rejected[rel] = reason
+                continue
+            folder_cell = FLAT_CELL if here == root else here.relative_to(root).parts[0]
+            jobs.append(_Job(full, rel, folder_cell, scanned.input_kind, polarity, max_pixels))
+    reads = mapper(read_files, jobs) if mapper is not None and len(jobs) >= MIN_FOR_MAPPER else read_files(jobs)
+    seen: dict[str, str] = {}
+    kinds: Counter[str] = Counter()
+    for job, got in zip(jobs, reads, strict=True):
+        reason = _take(scanned, job, got, seen, kinds)
+        if reason is not None:
+            scanned.rejected[job.rel] = reason
     if scanned.metaphases:
         scanned.input_format = "metaphase"
     elif kinds["dicom"] and kinds["image"]:
@@ -211,43 +227,119 @@ def scan_case(case_dir: Path, *, polarity: str = "auto", max_pixels: int = MAX_P
     return scanned
 
 
-def _read_one(full: Path, rel: str, root: Path, here: Path, scanned: ScannedCase, seen: dict[str, str],
-              kinds: Counter[str], polarity: str, max_pixels: int) -> str | None:
-    """Decode one file into scanned.accepted; return a rejection reason instead of raising."""
+#: Fewer files than this are read in-process even with a mapper: a round trip to a worker costs more.
+MIN_FOR_MAPPER = 64
+
+
+@dataclass
+class _Job:
+    """One file to read (picklable: it may go to another process)."""
+
+    full: Path
+    rel: str
+    folder_cell: str  # the cell its folder names (FLAT_CELL for a file at the case's top)
+    input_kind: str
+    polarity: str
+    max_pixels: int
+
+
+@dataclass
+class _Read:
+    """What reading one file on its own gave; `_take` then decides against the rest of the case.
+
+    `early` is a rejection of the file itself before any case-level check (unreadable, empty, not an image,
+    undecodable); `late` one after decoding (not a usable crop or metaphase), which happens after the file's
+    DICOM tags were checked against the case's, as in the in-process order."""
+
+    early: str | None = None
+    late: str | None = None
+    sha256: str = ""
+    unsupported: bool = False
+    kind: str = ""
+    tags: dict[str, Any] = field(default_factory=dict)
+    cell: str = ""
+    order: tuple[Any, ...] = ()
+    metaphase: bool = False
+    image: np.ndarray | None = None  # the normalised crop, or the whole metaphase dark-on-light
+    polarity: str = ""
+
+
+def read_files(jobs: list[_Job]) -> list[_Read]:
+    """Read, decode and normalise each file on its own, in order (what each pool worker runs on its share)."""
+    return [_read_file(j) for j in jobs]
+
+
+def _read_file(job: _Job) -> _Read:
     try:
-        st = full.stat()
+        st = job.full.stat()
         if not stat.S_ISREG(st.st_mode):
-            return "not a regular file (a pipe, device or socket)"
+            return _Read(early="not a regular file (a pipe, device or socket)")
         if st.st_size > MAX_FILE_BYTES:
-            return f"file too large ({st.st_size} bytes; limit {MAX_FILE_BYTES})"
-        raw = full.read_bytes()
+            return _Read(early=f"file too large ({st.st_size} bytes; limit {MAX_FILE_BYTES})")
+        raw = job.full.read_bytes()
     except OSError as exc:
-        return f"cannot read file: {exc.strerror or exc}"
+        return _Read(early=f"cannot read file: {exc.strerror or exc}")
     if not raw:
-        return "empty file (0 bytes)"
-    sha = hashlib.sha256(raw).hexdigest()
-    if sha in seen:
-        return f"duplicate of {seen[sha]} (same content)"
-    reader = reader_for(raw, full.name)
+        return _Read(early="empty file (0 bytes)")
+    out = _Read(sha256=hashlib.sha256(raw).hexdigest())
+    reader = reader_for(raw, job.full.name)
     if reader is None:
-        return UNSUPPORTED.format(suffix=full.suffix)
+        out.unsupported = True
+        return out
     try:
-        got = reader.read(raw, full.name, FLAT_CELL if here == root else here.relative_to(root).parts[0],
-                          max_pixels=max_pixels)
-        if got.tags:
-            mismatch = merge_case_tags(scanned.meta, got.tags)
-            if mismatch:
-                return mismatch
-        kinds[reader.kind] += 1
-        if _is_metaphase(got.grey, scanned.input_kind):
-            folder_cell = FLAT_CELL if here == root else here.relative_to(root).parts[0]
-            return _add_metaphase(scanned, got.grey, rel, full, folder_cell, sha, seen, polarity)
-        crop, pol = normalise(got.grey, polarity)
+        got = reader.read(raw, job.full.name, job.folder_cell, max_pixels=job.max_pixels)
     except ImageRejected as exc:
-        return str(exc)
-    seen[sha] = rel
-    scanned.accepted.append(Accepted(file=rel, cell=got.cell, sha256=sha, crop=crop, polarity=pol,
-                                     cell_order=got.order))
+        out.early = str(exc)
+        return out
+    out.kind, out.tags, out.cell, out.order = reader.kind, dict(got.tags), got.cell, got.order
+    try:
+        if _is_metaphase(got.grey, job.input_kind):
+            out.metaphase = True
+            grey = got.grey
+            if grey.ndim != 2 or min(grey.shape) < 32:
+                out.late = f"not a metaphase: image too small ({grey.shape[-1]}x{grey.shape[0]} pixels)"
+                return out
+            pol: Polarity = detect_polarity(grey) if job.polarity == "auto" else job.polarity  # type: ignore[assignment]
+            dol = to_dark_on_light(grey, pol)
+            check_metaphase(dol, image_stats(dol))
+            out.image, out.polarity = np.ascontiguousarray(dol), pol
+        else:
+            out.image, out.polarity = normalise(got.grey, job.polarity)
+    except ImageRejected as exc:
+        out.late = str(exc)
+    return out
+
+
+def _take(scanned: ScannedCase, job: _Job, got: _Read, seen: dict[str, str], kinds: Counter[str]) -> str | None:
+    """Add one read file to the case, or return why not: the checks that depend on the files before it."""
+    if got.early is not None and not got.sha256:
+        return got.early
+    if got.sha256 in seen:
+        return f"duplicate of {seen[got.sha256]} (same content)"
+    if got.unsupported:
+        return UNSUPPORTED.format(suffix=job.full.suffix)
+    if got.early is not None:
+        return got.early
+    if got.tags:
+        mismatch = merge_case_tags(scanned.meta, got.tags)
+        if mismatch:
+            return mismatch
+    kinds[got.kind] += 1
+    if got.late is not None:
+        return got.late
+    assert got.image is not None
+    if got.metaphase:
+        cell = printable(job.full.stem) if job.folder_cell == FLAT_CELL else job.folder_cell
+        taken = next((m.file for m in scanned.metaphases if m.cell == cell), None)
+        if taken is not None:
+            return f"cell {cell} already has a metaphase image ({taken}); deliver one metaphase per cell"
+        seen[got.sha256] = job.rel
+        scanned.metaphases.append(Metaphase(file=job.rel, cell=cell, sha256=got.sha256, grey=got.image,
+                                            polarity=got.polarity, order=(0, cell)))
+        return None
+    seen[got.sha256] = job.rel
+    scanned.accepted.append(Accepted(file=job.rel, cell=got.cell, sha256=got.sha256, crop=got.image,
+                                     polarity=got.polarity, cell_order=got.order))
     return None
 
 
@@ -257,21 +349,3 @@ def _is_metaphase(grey: np.ndarray, input_kind: str) -> bool:
     if grey.ndim != 2 or min(grey.shape) < 4:
         return False
     return classify_image(to_dark_on_light(grey, detect_polarity(grey))) == "metaphase"
-
-
-def _add_metaphase(scanned: ScannedCase, grey: np.ndarray, rel: str, full: Path, folder_cell: str, sha: str,
-                   seen: dict[str, str], polarity: str) -> str | None:
-    """Check a whole metaphase and keep it for cutting; its cell is the file (flat) or its folder."""
-    if grey.ndim != 2 or min(grey.shape) < 32:
-        return f"not a metaphase: image too small ({grey.shape[-1]}x{grey.shape[0]} pixels)"
-    pol: Polarity = detect_polarity(grey) if polarity == "auto" else polarity  # type: ignore[assignment]
-    dol = to_dark_on_light(grey, pol)
-    check_metaphase(dol, image_stats(dol))
-    cell = printable(full.stem) if folder_cell == FLAT_CELL else folder_cell
-    taken = next((m.file for m in scanned.metaphases if m.cell == cell), None)
-    if taken is not None:
-        return f"cell {cell} already has a metaphase image ({taken}); deliver one metaphase per cell"
-    seen[sha] = rel
-    scanned.metaphases.append(Metaphase(file=rel, cell=cell, sha256=sha, grey=np.ascontiguousarray(dol),
-                                        polarity=pol, order=(0, cell)))
-    return None

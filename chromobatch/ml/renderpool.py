@@ -1,4 +1,5 @@
-"""The classifier's input canvases rendered on every core, in a pool of processes, before the forward pass.
+"""The classifier's input canvases rendered on every core, in a pool of processes, before the forward pass;
+the same pool reads and decodes a large case's files (`RenderPool.map`, used by `intake.scan.scan_case`).
 
 Why processes, and why *before* the forward pass rather than beside it: rendering a crop (`preprocess.render`:
 upright, background, scale, canvas) is about 0.5 ms of small numpy, scipy and Pillow calls that hold the GIL.
@@ -22,15 +23,19 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
 
 import numpy as np
 
 from chromobatch.ml.preprocess import PreprocessSpec, render
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: Fewer crops than this render in-process: a chunk's round trip to a worker costs more than it saves.
 MIN_FOR_POOL = 64
@@ -104,16 +109,35 @@ class RenderPool:
             return render_chunk(crops, medians, spec)
         step = -(-len(crops) // self.processes)
         starts = range(0, len(crops), step)
-        try:
-            parts = list(self._pool.map(render_chunk, [crops[i:i + step] for i in starts],
-                                        [medians[i:i + step] for i in starts], [spec] * len(starts)))
-        except BrokenProcessPool as exc:
-            log.warning("render pool broke (%s); rendering this case in-process and starting a new pool", exc)
-            self.close()
-            out = render_chunk(crops, medians, spec)
-            self.start()
-            return out
+        parts = self._across(render_chunk, [crops[i:i + step] for i in starts],
+                             [medians[i:i + step] for i in starts], [spec] * len(starts))
+        if parts is None:
+            return render_chunk(crops, medians, spec)
         return np.concatenate(parts)  # never empty: fewer than MIN_FOR_POOL crops rendered in-process above
+
+    def map(self, fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
+        """`fn(items)`, computed as `fn` of one chunk per worker (results in order); in-process when the pool
+        is not running. `fn` must be a module-level function the workers can import without torch (the
+        case's files are read this way: `intake.scan.read_files`)."""
+        if self._pool is None or not items:
+            return fn(items)
+        step = -(-len(items) // self.processes)
+        parts = self._across(fn, [items[i:i + step] for i in range(0, len(items), step)])
+        if parts is None:
+            return fn(items)
+        return [r for part in parts for r in part]
+
+    def _across(self, fn: Callable[..., Any], *chunks: list[Any]) -> list[Any] | None:
+        """fn over the chunks in the workers; None when the pool broke (logged, and a new one started), so
+        that the caller does the work in-process."""
+        assert self._pool is not None
+        try:
+            return list(self._pool.map(fn, *chunks))
+        except BrokenProcessPool as exc:
+            log.warning("render pool broke (%s); doing this case's work in-process and starting a new pool", exc)
+            self.close()
+            self.start()
+            return None
 
     def close(self) -> None:
         if self._pool is not None:

@@ -25,7 +25,7 @@ from chromobatch.config import Settings
 from chromobatch.errors import InputError, JobError
 from chromobatch.intake.imaging import decode_png
 from chromobatch.intake.ingest import raise_if_empty, store_in_session
-from chromobatch.intake.scan import ScannedCase, cell_of_rejected, scan_case
+from chromobatch.intake.scan import Mapper, ScannedCase, cell_of_rejected, scan_case
 from chromobatch.karyotype.assign import assign_cell
 from chromobatch.karyotype.iscn import cell_karyotype, summarise
 from chromobatch.ml.predict import Predictor
@@ -196,12 +196,13 @@ def default_segmenter(name: str) -> Segmenter:
     return segmenter
 
 
-def scan_input(database: Database, case_dir: Path, settings: Settings, segmenter: Segmenter | None = None
-               ) -> ScannedCase:
+def scan_input(database: Database, case_dir: Path, settings: Settings, segmenter: Segmenter | None = None,
+               mapper: Mapper | None = None) -> ScannedCase:
     """A case folder read and checked (scan, then whole metaphases cut into crops), before any transaction;
-    what `process_case` takes as `scanned`. Callers that load a model check the input with it first."""
+    what `process_case` takes as `scanned`. Callers that load a model check the input with it first.
+    mapper: reads the files across processes (the predictor's pool, `RenderPool.map`)."""
     scanned = scan_case(Path(case_dir), polarity=settings.polarity, max_pixels=settings.max_image_pixels,
-                        input_kind=settings.input)
+                        input_kind=settings.input, mapper=mapper)
     cut_metaphases(database, scanned, settings, segmenter)
     return scanned
 
@@ -219,7 +220,7 @@ def process_case(database: Database, case_dir: Path, *, predictor: Predictor, se
     """
     t0 = time.perf_counter()
     if scanned is None:
-        scanned = scan_input(database, case_dir, settings, segmenter)
+        scanned = scan_input(database, case_dir, settings, segmenter, mapper=predictor.renderer.map)
     predictor = predictor.for_polarity(scanned.meta.get("polarity"))  # the model of the case's stain
     for file, reason in sorted(scanned.rejected.items()):
         log.warning("case %s: file not used: %s: %s", scanned.case_id, file, reason)

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import chromosome_array
+from helpers import chromosome_array, write_dicom, write_png
 
 from chromobatch.config import load_settings
 from chromobatch.errors import ConfigError
 from chromobatch.ml.preprocess import PreprocessSpec
+from chromobatch.intake.scan import MIN_FOR_MAPPER
 from chromobatch.ml.renderpool import MIN_FOR_POOL, RenderPool, auto_processes, render_chunk
 
 SPEC = PreprocessSpec(mode="fit", input_size=48, orient="upright")
@@ -53,6 +54,59 @@ def test_the_pool_renders_the_same_canvases_as_the_process_itself(pool: RenderPo
     assert np.array_equal(pool.render(crops, medians, cell_spec), render_chunk(crops, medians, cell_spec))
 
 
+def _messy_case(root: Path) -> Path:
+    """A case of more than MIN_FOR_MAPPER files with every kind of trouble whose verdict depends on order or on
+    other files: duplicates (one of a rejected file), DICOM crops from a second patient, two metaphases for one
+    cell, plus unreadable, empty, unsupported and blank files."""
+    from chromobatch.synth import metaphase as synth
+
+    case = root / "MESSY1"
+    for i in range(MIN_FOR_MAPPER + 4):
+        write_png(case / f"cell{i % 3 + 1:02d}" / f"c{i:03d}.png", chromosome_array(30 + i % 25, 9, seed=i))
+    (case / "cell01" / "c999.png").write_bytes((case / "cell02" / "c001.png").read_bytes())  # a duplicate
+    (case / "cell02" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (case / "cell02" / "broken-again.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # same bytes, rejected
+    (case / "cell03" / "empty.png").write_bytes(b"")
+    (case / "cell03" / "notes.docx").write_bytes(b"PK\x03\x04 a word file")
+    write_png(case / "cell03" / "blank.png", np.full((40, 20), 240, np.uint8))
+    for k, patient in enumerate(["FAKE-0001", "FAKE-0001", "FAKE-0002"]):
+        write_dicom(case / "dicom" / f"i{k}.dcm", chromosome_array(35, 9, seed=100 + k), series_uid="1.2.3.4",
+                    instance=k + 1, patient_id=patient)
+    spread = synth.render_metaphase(np.random.default_rng(1), karyotype="46,XX", overlap_rate=0.0, touch_rate=0.0,
+                                    nuclei=0, debris=0, min_gap=3)
+    write_png(case / "cell04" / "metaphase.png", spread.image)
+    write_png(case / "cell04" / "metaphase-2.png", np.ascontiguousarray(spread.image[:, ::-1]))
+    return case
+
+
+def test_a_case_read_across_the_pool_is_the_case_read_in_process(pool: RenderPool, tmp_path: Path) -> None:
+    """`scan_case` reads the files of a large case in the pool's workers; every verdict, accepted crop and
+    rejection reason is the same as reading them in-process."""
+    from chromobatch.intake import scan
+
+    case = _messy_case(tmp_path)
+    calls = []
+
+    def mapper(fn, items):  # type: ignore[no-untyped-def]  # the pool's map, counted
+        calls.append(len(items))
+        return pool.map(fn, items)
+
+    here = scan.scan_case(case)
+    there = scan.scan_case(case, mapper=mapper)
+    assert calls and calls[0] >= scan.MIN_FOR_MAPPER  # it did go through the pool
+    assert there.rejected == here.rejected and len(here.rejected) == 8, here.rejected
+    assert "duplicate of cell01/c999.png" in here.rejected["cell02/c001.png"]  # the first in file order stays
+    assert "FAKE-0002" not in str(here.rejected) and "dicom/i2.dcm" in here.rejected  # another patient: refused
+    assert "already has a metaphase" in here.rejected["cell04/metaphase.png"]
+    assert [(a.file, a.cell, a.sha256, a.polarity, a.cell_order) for a in there.accepted] == \
+        [(a.file, a.cell, a.sha256, a.polarity, a.cell_order) for a in here.accepted]
+    assert all(np.array_equal(a.crop, b.crop) for a, b in zip(there.accepted, here.accepted, strict=True))
+    assert [(m.file, m.cell, m.sha256) for m in there.metaphases] == [(m.file, m.cell, m.sha256)
+                                                                     for m in here.metaphases]
+    assert np.array_equal(there.metaphases[0].grey, here.metaphases[0].grey)
+    assert (there.input_format, there.meta) == (here.input_format, here.meta)
+
+
 def test_a_killed_worker_is_logged_and_the_case_still_renders(pool: RenderPool,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     crops = _crops(MIN_FOR_POOL)
@@ -78,8 +132,9 @@ def test_a_pool_of_one_or_not_started_renders_in_process() -> None:
 
 
 def test_workers_import_no_torch() -> None:
-    """Each worker process imports the render module; without torch it costs tens of MB, not hundreds."""
-    code = "import sys, chromobatch.ml.renderpool; print('torch' in sys.modules)"
+    """Each worker process imports the render and scan modules; without torch it costs tens of MB, not
+    hundreds."""
+    code = "import sys, chromobatch.ml.renderpool, chromobatch.intake.scan; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "False"
