@@ -94,8 +94,8 @@ def store_in_session(s: Session, scanned: ScannedCase, *, status: str = CaseStat
             continue
         rows.append({"case_pk": case.id, "cell_id": cells[a.cell].id, "source_file": a.file, "sha256": a.sha256,
                      "width": int(a.crop.shape[1]), "height": int(a.crop.shape[0]), "polarity": a.polarity,
-                     "crop_png": encode_png(a.crop), "instance": a.instance, "box": a.box, "polygon": a.polygon,
-                     "flags": a.flags})
+                     "crop_png": a.png if a.png is not None else encode_png(a.crop), "instance": a.instance,
+                     "box": a.box, "polygon": a.polygon, "flags": a.flags})
     if rows:  # one multi-row INSERT: a case's chromosomes need no unit of work (read back by query)
         s.execute(insert(Chromosome), rows)
     added = len(rows)

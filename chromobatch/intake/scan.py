@@ -26,7 +26,15 @@ import numpy as np
 from chromobatch import validate_case_id
 from chromobatch.errors import InputError
 from chromobatch.intake.dicom import merge_case_tags
-from chromobatch.intake.imaging import MAX_PIXELS, ImageRejected, Polarity, detect_polarity, normalise, to_dark_on_light
+from chromobatch.intake.imaging import (
+    MAX_PIXELS,
+    ImageRejected,
+    Polarity,
+    detect_polarity,
+    encode_png,
+    normalise,
+    to_dark_on_light,
+)
 from chromobatch.intake.metaphase import INPUT_KINDS, check_metaphase, classify_image, image_stats
 from chromobatch.intake.readers import UNSUPPORTED, reader_for
 from chromobatch.intake.sidecars import is_sidecar, read_labels
@@ -61,6 +69,9 @@ class Accepted:
     box: list[int] | None = None
     polygon: list[list[int]] | None = None
     flags: dict[str, Any] | None = None
+    #: `crop` as the PNG the database stores, encoded where the file was read (in a pool worker for a large
+    #: case, so the write transaction does not spend its time encoding); None: encoded when stored.
+    png: bytes | None = None
 
 
 @dataclass
@@ -262,6 +273,7 @@ class _Read:
     metaphase: bool = False
     image: np.ndarray | None = None  # the normalised crop, or the whole metaphase dark-on-light
     polarity: str = ""
+    png: bytes | None = None  # the normalised crop as stored
 
 
 def read_files(jobs: list[_Job]) -> list[_Read]:
@@ -305,6 +317,7 @@ def _read_file(job: _Job) -> _Read:
             out.image, out.polarity = np.ascontiguousarray(dol), pol
         else:
             out.image, out.polarity = normalise(got.grey, job.polarity)
+            out.png = encode_png(out.image)
     except ImageRejected as exc:
         out.late = str(exc)
     return out
@@ -339,7 +352,7 @@ def _take(scanned: ScannedCase, job: _Job, got: _Read, seen: dict[str, str], kin
         return None
     seen[got.sha256] = job.rel
     scanned.accepted.append(Accepted(file=job.rel, cell=got.cell, sha256=got.sha256, crop=got.image,
-                                     polarity=got.polarity, cell_order=got.order))
+                                     polarity=got.polarity, cell_order=got.order, png=got.png))
     return None
 
 

@@ -115,11 +115,12 @@ class RenderPool:
             return render_chunk(crops, medians, spec)
         return np.concatenate(parts)  # never empty: fewer than MIN_FOR_POOL crops rendered in-process above
 
-    def map(self, fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
+    def map(self, fn: Callable[[list[T]], list[R]], items: list[T], min_items: int = MIN_FOR_POOL) -> list[R]:
         """`fn(items)`, computed as `fn` of one chunk per worker (results in order); in-process when the pool
-        is not running. `fn` must be a module-level function the workers can import without torch (the
-        case's files are read this way: `intake.scan.read_files`)."""
-        if self._pool is None or not items:
+        is not running or for fewer than `min_items`. `fn` must be a module-level function the workers can
+        import without torch (a case's files are read this way, `intake.scan.read_files`, and its crops'
+        ink measured for the size prior, `sizeprior.inks`)."""
+        if self._pool is None or not items or len(items) < min_items:
             return fn(items)
         step = -(-len(items) // self.processes)
         parts = self._across(fn, [items[i:i + step] for i in range(0, len(items), step)])

@@ -53,6 +53,11 @@ def ink(crop: np.ndarray) -> float:
     return float(np.clip(bg - arr[mask].astype(np.float64), 0.0, None).sum())
 
 
+def inks(crops: Sequence[np.ndarray]) -> list[float]:
+    """`ink` of each crop, in order: what a render pool worker measures of its share (`RenderPool.map`)."""
+    return [ink(c) for c in crops]
+
+
 def cell_median_inks(inks: Sequence[float], cells: Sequence[str], min_cell: int = MIN_CELL) -> list[float | None]:
     """Per crop, the median ink of its cell ('' = unknown cell -> None; too few measurable crops -> None)."""
     if len(inks) != len(cells):

@@ -46,7 +46,7 @@ def scan_and_prime(database: Database, folders: dict[int, Path], predictor: Pred
     groups: dict[int, tuple[Predictor, list[np.ndarray], list[float | None]]] = {}
     for key, folder in folders.items():
         try:
-            case = scan_input(database, Path(folder), settings)
+            case = scan_input(database, Path(folder), settings, mapper=predictor.renderer.map)
         except (ChromobatchError, OSError) as exc:
             log.info("case folder %s is left to its own run (%s)", Path(folder).name, exc)
             continue

@@ -31,6 +31,7 @@ from chromobatch.karyotype.iscn import cell_karyotype, summarise
 from chromobatch.ml.predict import Predictor
 from chromobatch.ml.preprocess import chromosome_length
 from chromobatch.ml.sizeprior import ink, relative_inks
+from chromobatch.ml.sizeprior import inks as crop_inks  # the pool's chunk function
 from chromobatch.segment.base import Segmenter
 from chromobatch.segment.cut import cut_case
 from chromobatch.service.reports import render_and_record
@@ -66,10 +67,11 @@ def _cell_references(s: Session, scanned: ScannedCase, predictor: Predictor) -> 
     lengths: dict[str, dict[str, float]] = defaultdict(dict)
     inks: dict[str, dict[str, float]] = defaultdict(dict)
     in_folder = {a.sha256 for a in scanned.accepted}
-    for a in scanned.accepted:
+    measured = predictor.renderer.map(crop_inks, [a.crop for a in scanned.accepted]) if prior is not None else []
+    for k, a in enumerate(scanned.accepted):
         lengths[a.cell][a.sha256] = chromosome_length(a.crop)
         if prior is not None:
-            inks[a.cell][a.sha256] = ink(a.crop)
+            inks[a.cell][a.sha256] = measured[k]
     rows = (s.query(Cell.name, Chromosome.id, Chromosome.sha256, Chromosome.width, Chromosome.height)
             .join(Chromosome, Chromosome.cell_id == Cell.id).join(Case, Case.id == Cell.case_pk)
             .filter(Case.case_id == scanned.case_id))

@@ -17,8 +17,10 @@ from helpers import chromosome_array, write_dicom, write_png
 
 from chromobatch.config import load_settings
 from chromobatch.errors import ConfigError
-from chromobatch.ml.preprocess import PreprocessSpec
+from chromobatch.intake.imaging import decode_png
 from chromobatch.intake.scan import MIN_FOR_MAPPER
+from chromobatch.ml import sizeprior
+from chromobatch.ml.preprocess import PreprocessSpec
 from chromobatch.ml.renderpool import MIN_FOR_POOL, RenderPool, auto_processes, render_chunk
 
 SPEC = PreprocessSpec(mode="fit", input_size=48, orient="upright")
@@ -98,13 +100,20 @@ def test_a_case_read_across_the_pool_is_the_case_read_in_process(pool: RenderPoo
     assert "duplicate of cell01/c999.png" in here.rejected["cell02/c001.png"]  # the first in file order stays
     assert "FAKE-0002" not in str(here.rejected) and "dicom/i2.dcm" in here.rejected  # another patient: refused
     assert "already has a metaphase" in here.rejected["cell04/metaphase.png"]
-    assert [(a.file, a.cell, a.sha256, a.polarity, a.cell_order) for a in there.accepted] == \
-        [(a.file, a.cell, a.sha256, a.polarity, a.cell_order) for a in here.accepted]
+    assert [(a.file, a.cell, a.sha256, a.polarity, a.cell_order, a.png) for a in there.accepted] == \
+        [(a.file, a.cell, a.sha256, a.polarity, a.cell_order, a.png) for a in here.accepted]
+    assert all(a.png is not None and np.array_equal(decode_png(a.png), a.crop) for a in there.accepted)
     assert all(np.array_equal(a.crop, b.crop) for a, b in zip(there.accepted, here.accepted, strict=True))
     assert [(m.file, m.cell, m.sha256) for m in there.metaphases] == [(m.file, m.cell, m.sha256)
                                                                      for m in here.metaphases]
     assert np.array_equal(there.metaphases[0].grey, here.metaphases[0].grey)
     assert (there.input_format, there.meta) == (here.input_format, here.meta)
+
+
+def test_the_size_priors_ink_measured_across_the_pool_is_the_same(pool: RenderPool) -> None:
+    crops = _crops(MIN_FOR_POOL + 5)
+    assert pool.map(sizeprior.inks, crops) == sizeprior.inks(crops)
+    assert pool.map(sizeprior.inks, crops[:3]) == sizeprior.inks(crops[:3])  # few: in-process
 
 
 def test_a_killed_worker_is_logged_and_the_case_still_renders(pool: RenderPool,
