@@ -154,14 +154,14 @@ class LearnedSegmenter:
         labels, _, _ = _relabel(labels)
         if float(p.get("merge_small", 0.0)) > 0:
             labels, _, _ = _relabel(_merge_fragments(labels, float(p["merge_small"])))
+        width = float(self.meta.get("stroke_width") or 10.0)
         if float(p.get("split_factor", 0.0)) > 0:
-            labels = _split_merged(labels, pcore, p)
+            labels = _split_merged(labels, pcore, p, width)
         if nuclei is not None and nuclei.any():
             labels = _drop_on_nuclei(labels, nuclei)
         scores = _region_scores(labels, pfg, pcore)
         found = regions_to_instances(labels, scores, min_area=int(p["min_area"]), cluster_factor=math.inf)
         self._flag_clusters(found)
-        width = float(self.meta.get("stroke_width") or 10.0)
         kept = [i for i in found if i.cluster == 1 or not is_nucleus(i.mask, width)]
         if len(kept) < len(found):  # a nucleus the network took for chromosomes: left out, clusters re-judged
             for i in kept:
@@ -272,7 +272,7 @@ def _merge_fragments(labels: np.ndarray, fraction: float) -> np.ndarray:
     return out
 
 
-def _split_merged(labels: np.ndarray, pcore: np.ndarray, p: dict[str, Any]) -> np.ndarray:
+def _split_merged(labels: np.ndarray, pcore: np.ndarray, p: dict[str, Any], width: float) -> np.ndarray:
     """Large objects that look like two or more chromosomes stuck together, split where their core map allows.
 
     Why: one core threshold for the whole image is a compromise; where two chromosomes touch or cross, their
@@ -283,7 +283,9 @@ def _split_merged(labels: np.ndarray, pcore: np.ndarray, p: dict[str, Any]) -> n
     every piece is at least `split_min_piece` x the median area and there are no more pieces than the object's
     estimated chromosome count (its area over `cluster_divisor` x the mean single area, at least 2), so a
     long chromosome whose core thins at the centromere is not cut into arms. What stays whole is judged by
-    the cluster rule as before. Chosen on the training split by count (`train.tune_splits`).
+    the cluster rule as before. An object shaped like an interphase nucleus (`objects.is_nucleus`, `width`
+    the model's chromosome width) is never cut: whole, it is left out below; cut, its pieces would be counted.
+    Chosen on the training split by count (`train.tune_splits`).
     """
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
@@ -306,6 +308,8 @@ def _split_merged(labels: np.ndarray, pcore: np.ndarray, p: dict[str, Any]) -> n
             continue
         region = labels[sl] == i
         if areas[i] <= branched_below * median and not branches(region):
+            continue
+        if is_nucleus(region, width):
             continue
         most = max(2, int(round(areas[i] / (divisor * mean_single))))
         core = pcore[sl]

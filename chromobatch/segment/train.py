@@ -449,6 +449,8 @@ def retune(folder: Path, val: list[Annotated], threads: int = 1, train: list[Ann
     if train is not None:
         update_meta(folder, {"stroke_width": reference_width(train)})
     seg = load_segmenter_folder(folder, threads=threads)
+    if clusters_on:  # chosen again below, after the thresholds and the cluster rule, as when it was first chosen
+        seg.post = {**seg.post, "split_factor": 0.0}
     chosen = tune_postprocess(seg, val)
     if clusters_on:
         prepared = [seg.prepare(a.grey) for a in clusters_on]

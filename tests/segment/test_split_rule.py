@@ -89,6 +89,20 @@ def test_pieces_under_the_smallest_share_or_too_many_keep_the_object_whole() -> 
     assert len(_seg(split_factor=3.0, split_min_piece=0.4).instances_from(probs)) == 11  # under the factor
 
 
+def test_a_nucleus_the_nucleus_map_missed_is_not_cut_into_chromosomes() -> None:
+    """A round, solid object of about 5x the median with a patchy core: cut, its halves would pass as
+    chromosomes; whole, it is a cluster that the nucleus test leaves out."""
+    from seg_drawing import disk
+
+    nucleus = disk(SHAPE, (130, 110), 20)
+    singles = _singles()
+    probs = _draw(singles + [nucleus], [(_core(m), 0.9) for m in singles] + [(nucleus, 0.35),
+                  (disk(SHAPE, (120, 110), 6), 0.9), (disk(SHAPE, (140, 110), 6), 0.9)])
+    for post in ({}, {"split_factor": 1.8, "split_min_piece": 0.4}):
+        found = _seg(**post).instances_from(probs)
+        assert len(found) == 10 and all(i.cluster == 1 for i in found), post
+
+
 def _items(probs: np.ndarray, truth: list[np.ndarray], n: int = 2) -> tuple[list[Annotated], list[Prepared]]:
     items = [Annotated(name=f"m{k}", grey=np.zeros(SHAPE, np.uint8), instances=[as_instance(m) for m in truth])
              for k in range(n)]
