@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from chromobatch.config import ENV_PREFIX, Settings
 from chromobatch.faults import backoff
+from chromobatch.ml.renderpool import auto_processes
 from chromobatch.service.casefolders import WatchPaths
 from chromobatch.service.scanner import Scanner
 from chromobatch.service.stopping import StopFlag
@@ -56,11 +57,15 @@ class _Child:
 
 
 def child_env(settings: Settings, database: Database, paths: WatchPaths) -> dict[str, str]:
-    """Every effective setting as CHROMOBATCH_* so a child sees exactly what this process sees."""
+    """Every effective setting as CHROMOBATCH_* so a child sees exactly what this process sees, except that
+    each child is one worker, and so its share of the cores for rendering is worked out here, among all of
+    them (a child that saw `workers = 1` would take every core for itself: 2 workers x 2 render processes on 2
+    cores)."""
     env = dict(os.environ)
     values = settings.as_dict()
     values.update(db=database.url, workers=1, processed_dir=str(paths.processed), failed_dir=str(paths.failed),
-                  reports_dir=str(paths.reports))
+                  reports_dir=str(paths.reports),
+                  render_processes=auto_processes(settings.render_processes, settings.workers))
     for key, value in values.items():
         env[ENV_PREFIX + key.upper()] = str(value)
     return env

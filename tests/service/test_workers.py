@@ -131,3 +131,21 @@ def test_workers_that_keep_failing_at_start_stop_the_watcher(layout: SimpleNames
     assert [i for i, _ in sup.started()].count(int(found.group(1))) == 5, text[-3000:]
     assert "model folder not found" in text
     assert time.monotonic() - begin >= 15  # the restart delays: 1 + 2 + 4 + 8 s
+
+
+def test_each_worker_process_gets_its_share_of_the_cores_for_rendering(tmp_path: Path, sqlite_path: Path) -> None:
+    """A worker process is told `workers = 1`; its render pool must still be sized for all the workers, not
+    take every core for itself (2 workers x 2 render processes on 2 cores, as before this was fixed)."""
+    from chromobatch.config import load_settings
+    from chromobatch.ml.renderpool import auto_processes
+    from chromobatch.service.casefolders import resolve_paths
+    from chromobatch.service.supervisor import child_env
+
+    with db.connect(sqlite_path) as database:
+        for given, want in ((0, auto_processes(0, workers=2)), (3, 3)):
+            settings = load_settings({"workers": 2, "render_processes": given})
+            (tmp_path / "incoming").mkdir(exist_ok=True)
+            env = child_env(settings, database, resolve_paths(tmp_path / "incoming", settings))
+            assert env["CHROMOBATCH_WORKERS"] == "1"
+            assert env["CHROMOBATCH_RENDER_PROCESSES"] == str(want)
+    assert auto_processes(0, workers=2) == max(1, min((os.cpu_count() or 1) // 2, 4))
