@@ -146,7 +146,15 @@ class Worker:
                 idle_now = idle
             self._wake.wait(idle_now)
             self._wake.clear()
+        self.close()
         log.info("worker %s stopped", self.name)
+
+    def close(self) -> None:
+        """Stop the predictor's render processes now, not in the interpreter's exit hooks (where a signal
+        arriving during the join is printed as a traceback)."""
+        renderer = getattr(self.predictor, "renderer", None)
+        if renderer is not None:
+            renderer.close()
 
     def _where(self) -> str:
         """The database as it may be logged: a file path or a URL without its password."""
