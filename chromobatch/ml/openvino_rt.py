@@ -18,6 +18,16 @@ from chromobatch.errors import ConfigError
 _HINT = {"fp32": "f32", "bf16": "bf16"}
 
 
+def precision_of(hint: object) -> str:
+    """The precision a compiled model runs, from the element type OpenVINO reads back.
+
+    Compared as a type: its text is "<Type: 'bfloat16'>", so looking for "bf16" in it never matched and
+    bf16 was refused on every CPU until 2026-12-07.
+    """
+    names = {ov.Type.bf16: "bf16", ov.Type.f32: "fp32"}
+    return names.get(hint, str(hint))  # anything else is refused by the caller, named as OpenVINO names it
+
+
 class OpenVinoEngine:
     runtime = "openvino"
     device = torch.device("cpu")
@@ -28,8 +38,7 @@ class OpenVinoEngine:
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", {
             "INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": max(1, threads)})
-        actual = str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
-        self.precision = "bf16" if "bf16" in actual else "fp32"
+        self.precision = precision_of(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         if self.precision != precision:
             raise ConfigError(f"OpenVINO runs {self.precision} on this CPU, not the {precision} asked for",
                               hint="Use precision = auto.")

@@ -83,6 +83,17 @@ def test_bf16_where_the_hardware_has_it(runtime: str, tiny_model_dir: Path, tmp_
     assert torch.equal(probs.argmax(1)[clear], ref.argmax(1)[clear])
 
 
+@needs("openvino")
+def test_openvino_precision_is_read_back_as_a_type() -> None:
+    import openvino as ov
+
+    from chromobatch.ml.openvino_rt import precision_of
+
+    assert precision_of(ov.Type.bf16) == "bf16"
+    assert precision_of(ov.Type.f32) == "fp32"
+    assert precision_of(ov.Type.f16) not in ("bf16", "fp32")  # never claimed as either
+
+
 def test_bf16_is_offered_to_auto_only_with_native_hardware_and_a_measured_pass(tiny_model_dir: Path) -> None:
     lm = load_model(tiny_model_dir)
     amx = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
