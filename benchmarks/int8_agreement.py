@@ -1,0 +1,201 @@
+"""int8 post-training quantization against the accuracy bar: is int8 allowed as a precision? (issue 17)
+
+    .venv/bin/python benchmarks/int8_agreement.py --data /work/data/g612/manifest.csv [--split val|test]
+        [--calibration 512] [--json out.json]
+
+Issue 17 allows int8 "only if you show it keeps accuracy": the bar of every runtime and precision, top-1
+agreement with PyTorch fp32 >= 99.9% on the served and on the image-only probabilities, accuracy within 0.1
+point (`ml.runtime.agreement_passes`). This script quantizes the shipped model's ONNX export statically
+(activations uint8, weights int8 per channel, QDQ) with ONNX Runtime's quantizer, calibrated on crops of the
+`train` split, in a few standard configurations, and, where NNCF is installed (`pip install nncf`; not a
+dependency of chromobatch), with NNCF's post-training quantization for OpenVINO; each is run on the chosen
+split and compared with PyTorch fp32, with its speed at batch 64 beside it. Nothing here is served: int8 is
+not a precision `runtime = auto` may choose unless a configuration passes on val and then on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common import cpu_name  # noqa: E402
+
+from chromobatch.ml import runtime as rt  # noqa: E402
+from chromobatch.ml.folders import load_model  # noqa: E402
+from chromobatch.ml.forward import TorchEngine, forward_batch  # noqa: E402
+from chromobatch.ml.preprocess import render, to_tensor  # noqa: E402
+from chromobatch.registry.register import DEFAULT_MODEL_DIR  # noqa: E402
+from chromobatch.training.calibrate import record_relative_inks  # noqa: E402
+from chromobatch.training.records import load_records  # noqa: E402
+
+HEAD_ONNX = ["/embed/Gemm", "/classifier/Gemm"]  # node names in the ONNX export
+HEAD_OPENVINO = [f"{n}/WithoutBiases" for n in HEAD_ONNX]  # the same nodes as OpenVINO names them
+
+
+class Plain:
+    """A forward callable as `ml.forward` expects it: (embeddings, logits) from a batch."""
+
+    runtime = "int8-experiment"
+    precision = "int8"
+    device = torch.device("cpu")
+
+    def __init__(self, run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+        self.run = run
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, logits = self.run(x.contiguous().numpy())
+        return torch.from_numpy(np.array(emb)), torch.from_numpy(np.array(logits))
+
+
+def ort_int8(src: Path, out: Path, calib: list[np.ndarray], method: str, exclude: list[str]) -> Plain:
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter({"x": x} for x in calib)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre))
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, method), nodes_to_exclude=exclude,
+                    extra_options={"CalibPercentile": 99.999} if method == "Percentile" else {})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    return Plain(lambda x: tuple(session.run(["emb", "logits"], {"x": x})))  # type: ignore[arg-type,return-value]
+
+
+def nncf_int8(src: Path, calib: list[np.ndarray], exclude: list[str]) -> Plain:
+    import nncf  # type: ignore[import-not-found]
+    import openvino as ov
+
+    core = ov.Core()
+    items = [x[i:i + 1] for x in calib for i in range(len(x))]
+    model = nncf.quantize(core.read_model(str(src)), nncf.Dataset(items), subset_size=len(items),
+                          ignored_scope=nncf.IgnoredScope(names=exclude))
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                                                 "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = request.infer({0: x})
+        return out[0].copy(), out[1].copy()
+
+    return Plain(run)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--calibration", type=int, default=512, help="train crops the quantizer calibrates on")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    lm = load_model(args.model)
+    src = rt.converted_onnx(lm)
+
+    def canvases(records: list) -> torch.Tensor:
+        return to_tensor(torch.from_numpy(np.stack([render(r.crop, lm.spec) for r in records]))).unsqueeze(1)
+
+    records = load_records(args.data, splits=[args.split])
+    x_eval = canvases(records)
+    y = np.array([r.label for r in records])
+    rel = record_relative_inks(records, lm.size_prior.min_cell) if lm.size_prior is not None else None
+    train = load_records(args.data, splits=["train"])
+    pick = np.random.default_rng(1).choice(len(train), min(args.calibration, len(train)), replace=False)
+    x_cal = canvases([train[i] for i in sorted(pick)]).numpy()
+    calib = [x_cal[i:i + 32] for i in range(0, len(x_cal), 32)]
+
+    def evaluate(engine: object) -> tuple[np.ndarray, np.ndarray, float]:
+        out = [forward_batch(engine, x_eval[i:i + 64], torch.device("cpu"))[0].numpy()  # type: ignore[arg-type]
+               for i in range(0, len(x_eval), 64)]
+        img = np.concatenate(out)
+        batch = x_eval[:64]
+        forward_batch(engine, batch, torch.device("cpu"))  # type: ignore[arg-type]
+        t = time.perf_counter()
+        for _ in range(5):
+            forward_batch(engine, batch, torch.device("cpu"))  # type: ignore[arg-type]
+        return img, lm.apply_size_prior(img, rel), 5 * len(batch) / (time.perf_counter() - t)
+
+    ref_img, ref_served, ref_speed = evaluate(rt.build_engine(lm, "onnxruntime", "fp32")
+                                              if "onnxruntime" in rt.installed_runtimes()
+                                              else TorchEngine(lm.net, lm.device, "fp32"))
+    torch_img, _, _ = evaluate(TorchEngine(lm.net, lm.device, "fp32"))
+    assert (torch_img.argmax(1) == ref_img.argmax(1)).all()  # the fp32 reference is PyTorch's, to the crop
+    results: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        configs: dict[str, Callable[[], Plain]] = {
+            "ort MinMax, all layers": lambda: ort_int8(src, Path(tmp, "a.onnx"), calib, "MinMax", []),
+            "ort MinMax, head fp32": lambda: ort_int8(src, Path(tmp, "b.onnx"), calib, "MinMax", HEAD_ONNX),
+            "ort Percentile 99.999, head fp32":
+                lambda: ort_int8(src, Path(tmp, "c.onnx"), calib, "Percentile", HEAD_ONNX),
+            "ort Percentile 99.999, head + stem fp32":
+                lambda: ort_int8(src, Path(tmp, "d.onnx"), calib, "Percentile", HEAD_ONNX + ["/conv1/Conv"]),
+        }
+        try:
+            import nncf  # type: ignore[import-not-found]  # noqa: F401
+
+            configs["nncf (OpenVINO), head fp32"] = lambda: nncf_int8(src, calib, HEAD_OPENVINO)
+        except ImportError:
+            print("nncf not installed: its configuration left out")
+        for name, build in configs.items():
+            t = time.perf_counter()
+            engine = build()
+            seconds = time.perf_counter() - t
+            img, served, speed = evaluate(engine)
+            agree = float((served.argmax(1) == ref_served.argmax(1)).mean())
+            agree_img = float((img.argmax(1) == ref_img.argmax(1)).mean())
+            drop = 100 * float((ref_served.argmax(1) == y).mean() - (served.argmax(1) == y).mean())
+            drop_img = 100 * float((ref_img.argmax(1) == y).mean() - (img.argmax(1) == y).mean())
+            results[name] = {
+                "flips_served": int((served.argmax(1) != ref_served.argmax(1)).sum()),
+                "flips_image_only": int((img.argmax(1) != ref_img.argmax(1)).sum()),
+                "agreement": round(agree, 6), "agreement_image_only": round(agree_img, 6),
+                "accuracy": round(float((served.argmax(1) == y).mean()), 6),
+                "accuracy_image_only": round(float((img.argmax(1) == y).mean()), 6),
+                "passed": rt.agreement_passes(min(agree, agree_img), max(drop, drop_img)),
+                "images_per_s_batch64": round(speed, 1), "quantize_s": round(seconds, 1)}
+            print(f"{name:42s} flips {results[name]['flips_served']:3d} served / {results[name]['flips_image_only']:3d}"
+                  f" image only of {len(y)}  agreement {100 * agree:.3f}% / {100 * agree_img:.3f}%  "
+                  f"{'PASS' if results[name]['passed'] else 'FAIL'}  {speed:.0f} images/s", flush=True)
+    out = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": cpu_name(),
+           "split": args.split, "n": len(y), "calibration_train_crops": len(x_cal),
+           "reference": {"accuracy": float((ref_served.argmax(1) == y).mean()),
+                         "accuracy_image_only": float((ref_img.argmax(1) == y).mean()),
+                         "fp32_images_per_s_batch64": round(ref_speed, 1)},
+           "results": results}
+    print(json.dumps(out["reference"]))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
