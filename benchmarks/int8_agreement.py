@@ -7,8 +7,9 @@ Issue 17 allows int8 "only if you show it keeps accuracy": the bar of every runt
 agreement with PyTorch fp32 >= 99.9% on the served and on the image-only probabilities, accuracy within 0.1
 point (`ml.runtime.agreement_passes`). This script quantizes the shipped model's ONNX export statically
 (activations uint8, weights int8 per channel, QDQ) with ONNX Runtime's quantizer, calibrated on crops of the
-`train` split, in a few standard configurations, and, where NNCF is installed (`pip install nncf`; not a
-dependency of chromobatch), with NNCF's post-training quantization for OpenVINO; each is run on the chosen
+`train` split (one configuration also on generated canvases instead), in a few standard configurations, and,
+where NNCF is installed (`pip install nncf`; not a dependency of chromobatch), with NNCF's post-training
+quantization for OpenVINO; each is run on the chosen
 split and compared with PyTorch fp32, with its speed at batch 64 beside it, and, for each, an int8 -> fp32
 fallback evaluated offline (`cascade`: near-ties computed again in fp32). Nothing here is served: int8 is
 not a precision `runtime = auto` may choose unless a configuration passes on val and then on test.
@@ -174,6 +175,9 @@ def main() -> None:
     pick = np.random.default_rng(1).choice(len(train), min(args.calibration, len(train)), replace=False)
     x_cal = canvases([train[i] for i in sorted(pick)]).numpy()
     calib = [x_cal[i:i + 32] for i in range(0, len(x_cal), 32)]
+    # the alternative to shipping real crops with a model: the generated canvases `auto` already times with
+    x_gen = to_tensor(rt.calibration_canvases(len(x_cal), lm.spec.input_size)).unsqueeze(1).numpy()
+    calib_generated = [x_gen[i:i + 32] for i in range(0, len(x_gen), 32)]
 
     def evaluate(engine: object) -> tuple[np.ndarray, np.ndarray, float]:
         out = [forward_batch(engine, x_eval[i:i + 64], torch.device("cpu"))[0].numpy()  # type: ignore[arg-type]
@@ -196,6 +200,8 @@ def main() -> None:
         configs: dict[str, Callable[[], Plain]] = {
             "ort MinMax, all layers": lambda: ort_int8(src, Path(tmp, "a.onnx"), calib, "MinMax", []),
             "ort MinMax, head fp32": lambda: ort_int8(src, Path(tmp, "b.onnx"), calib, "MinMax", HEAD_ONNX),
+            "ort MinMax, head fp32, generated calibration":
+                lambda: ort_int8(src, Path(tmp, "g.onnx"), calib_generated, "MinMax", HEAD_ONNX),
             "ort Percentile 99.999, head fp32":
                 lambda: ort_int8(src, Path(tmp, "c.onnx"), calib, "Percentile", HEAD_ONNX),
             "ort Percentile 99.999, head + stem fp32":
