@@ -9,11 +9,10 @@ point (`ml.runtime.agreement_passes`). This script quantizes the shipped model's
 (activations uint8, weights int8 per channel, QDQ) with ONNX Runtime's quantizer, calibrated on crops of the
 `train` split (one configuration also on generated canvases instead), in a few standard configurations, and,
 where NNCF is installed (`pip install nncf`; not a dependency of chromobatch), with NNCF's post-training
-quantization for OpenVINO; each is run on the chosen
-split and compared with PyTorch fp32, with its speed at batch 64 beside it, and, for each, an int8 -> fp32
-fallback evaluated offline (`cascade`: near-ties computed again in fp32) and then run and timed over the
-split at tau 0.2 (`cascade_run`, against fp32 alone timed the same way before and after). Nothing here is
-served: int8 is not a precision `runtime = auto` may choose.
+quantization for OpenVINO; each is run on the chosen split and compared with PyTorch fp32, with its speed at
+batch 64 beside it, and, for each, an int8 -> fp32 fallback evaluated offline (`cascade`: near-ties computed
+again in fp32) and then run and timed over the split at tau 0.2 (`cascade_run`, against fp32 alone timed the
+same way before and after). Nothing here is served: int8 is not a precision `runtime = auto` may choose.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from common import cpu_name  # noqa: E402
 
 from chromobatch.ml import runtime as rt  # noqa: E402
-from chromobatch.ml.folders import load_model  # noqa: E402
+from chromobatch.ml.folders import LoadedModel, load_model  # noqa: E402
 from chromobatch.ml.forward import TorchEngine, forward_batch  # noqa: E402
 from chromobatch.ml.preprocess import render, to_tensor  # noqa: E402
 from chromobatch.registry.register import DEFAULT_MODEL_DIR  # noqa: E402
@@ -46,7 +45,6 @@ from chromobatch.training.calibrate import record_relative_inks  # noqa: E402
 from chromobatch.training.records import load_records  # noqa: E402
 
 HEAD_ONNX = ["/embed/Gemm", "/classifier/Gemm"]  # node names in the ONNX export
-LM: Any = None  # the loaded model, for `cascade`
 HEAD_OPENVINO = [f"{n}/WithoutBiases" for n in HEAD_ONNX]  # the same nodes as OpenVINO names them
 
 
@@ -125,28 +123,44 @@ def _margin(p: np.ndarray) -> np.ndarray:
     return top2[:, 1] - top2[:, 0]
 
 
-def cascade(img: np.ndarray, ref_img: np.ndarray, ref_served: np.ndarray, y: np.ndarray, rel: np.ndarray | None,
-            int8_speed: float, fp32_speed: float) -> dict[str, dict[str, float | int | bool]]:
+class Reference:
+    """fp32's image and served probabilities on the split, the labels and the inks: what every variant is scored
+    against."""
+
+    def __init__(self, lm: LoadedModel, img: np.ndarray, y: np.ndarray, rel: np.ndarray | None) -> None:
+        self.lm, self.img, self.y, self.rel = lm, img, y, rel
+        self.served = lm.apply_size_prior(img, rel)
+
+    def score(self, img: np.ndarray) -> dict[str, float | int | bool]:
+        """Changed crops, agreement and accuracy of `img` (image probabilities), as computed and as served."""
+        served = self.lm.apply_size_prior(img, self.rel)
+        agree = float((served.argmax(1) == self.served.argmax(1)).mean())
+        agree_img = float((img.argmax(1) == self.img.argmax(1)).mean())
+        drop = 100 * float((self.served.argmax(1) == self.y).mean() - (served.argmax(1) == self.y).mean())
+        drop_img = 100 * float((self.img.argmax(1) == self.y).mean() - (img.argmax(1) == self.y).mean())
+        return {"flips_served": int((served.argmax(1) != self.served.argmax(1)).sum()),
+                "flips_image_only": int((img.argmax(1) != self.img.argmax(1)).sum()),
+                "agreement": round(agree, 6), "agreement_image_only": round(agree_img, 6),
+                "accuracy": round(float((served.argmax(1) == self.y).mean()), 6),
+                "accuracy_image_only": round(float((img.argmax(1) == self.y).mean()), 6),
+                "passed": rt.agreement_passes(min(agree, agree_img), max(drop, drop_img))}
+
+    def near_ties(self, img: np.ndarray, tau: float) -> np.ndarray:
+        """Crops whose top-2 margin, as computed or as served, is under tau."""
+        return np.minimum(_margin(img), _margin(self.lm.apply_size_prior(img, self.rel))) < tau
+
+
+def cascade(img: np.ndarray, ref: Reference, int8_speed: float, fp32_speed: float
+            ) -> dict[str, dict[str, float | int | bool]]:
     """An int8 -> fp32 fallback, evaluated offline: crops whose int8 probabilities (image only or served) have a
     top-2 margin under tau take the fp32 result instead. The flips int8 makes are mostly near-ties, so few crops
     need the second pass. The speed is an estimate from the two measured rates (1 / (1/int8 + share/fp32)), not a run.
     """
-    near = np.minimum(_margin(img), _margin(LM.apply_size_prior(img, rel)))  # a near-tie as computed or as served
     out: dict[str, dict[str, float | int | bool]] = {}
     for tau in CASCADE_TAUS:
-        redo = near < tau
-        mixed = np.where(redo[:, None], ref_img, img)
-        served = LM.apply_size_prior(mixed, rel)
-        agree = float((served.argmax(1) == ref_served.argmax(1)).mean())
-        agree_img = float((mixed.argmax(1) == ref_img.argmax(1)).mean())
-        drop = 100 * float((ref_served.argmax(1) == y).mean() - (served.argmax(1) == y).mean())
-        drop_img = 100 * float((ref_img.argmax(1) == y).mean() - (mixed.argmax(1) == y).mean())
+        redo = ref.near_ties(img, tau)
         out[str(tau)] = {
-            "rerun_share": round(float(redo.mean()), 4),
-            "flips_served": int((served.argmax(1) != ref_served.argmax(1)).sum()),
-            "flips_image_only": int((mixed.argmax(1) != ref_img.argmax(1)).sum()),
-            "accuracy": round(float((served.argmax(1) == y).mean()), 6),
-            "passed": rt.agreement_passes(min(agree, agree_img), max(drop, drop_img)),
+            "rerun_share": round(float(redo.mean()), 4), **ref.score(np.where(redo[:, None], ref.img, img)),
             "estimated_images_per_s": round(1 / (1 / int8_speed + float(redo.mean()) / fp32_speed), 1)}
         print(f"    cascade tau {tau}: fp32 again for {100 * redo.mean():.1f}% of crops, flips "
               f"{out[str(tau)]['flips_served']} served / {out[str(tau)]['flips_image_only']} image only, "
@@ -164,8 +178,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    global LM
-    lm = LM = load_model(args.model)
+    lm = load_model(args.model)
     src = rt.converted_onnx(lm)
 
     def canvases(records: list) -> torch.Tensor:
@@ -183,43 +196,41 @@ def main() -> None:
     x_gen = to_tensor(rt.calibration_canvases(len(x_cal), lm.spec.input_size)).unsqueeze(1).numpy()
     calib_generated = [x_gen[i:i + 32] for i in range(0, len(x_gen), 32)]
 
-    def evaluate(engine: object) -> tuple[np.ndarray, np.ndarray, float]:
-        out = [forward_batch(engine, x_eval[i:i + 64], torch.device("cpu"))[0].numpy()  # type: ignore[arg-type]
-               for i in range(0, len(x_eval), 64)]
-        img = np.concatenate(out)
+    def forward(engine: object, x: torch.Tensor) -> np.ndarray:
+        """Image probabilities of `x` in batches of 64."""
+        return np.concatenate([forward_batch(engine, x[i:i + 64], torch.device("cpu"))[0].numpy()  # type: ignore
+                               for i in range(0, len(x), 64)])
+
+    def batch_speed(engine: object) -> float:
+        """Images/s on one batch of 64, five passes after a warm-up."""
         batch = x_eval[:64]
-        forward_batch(engine, batch, torch.device("cpu"))  # type: ignore[arg-type]
+        forward(engine, batch)
         t = time.perf_counter()
         for _ in range(5):
-            forward_batch(engine, batch, torch.device("cpu"))  # type: ignore[arg-type]
-        return img, lm.apply_size_prior(img, rel), 5 * len(batch) / (time.perf_counter() - t)
+            forward(engine, batch)
+        return 5 * len(batch) / (time.perf_counter() - t)
 
     fp32_engine = (rt.build_engine(lm, "onnxruntime", "fp32") if "onnxruntime" in rt.installed_runtimes()
                    else TorchEngine(lm.net, lm.device, "fp32"))
-    ref_img, ref_served, ref_speed = evaluate(fp32_engine)
-    rel_all = np.asarray(rel) if rel is not None else None
+    ref = Reference(lm, forward(fp32_engine, x_eval), y, rel)
+    ref_speed = batch_speed(fp32_engine)
 
     def timed_split(engine: object, fallback: object | None, tau: float = CASCADE_RUN_TAU) -> tuple[np.ndarray, float]:
         """The whole split in batches of 64, timed; with a fallback, the near-ties are collected and go through it
         afterwards in batches of 64 too (as a predictor would do per case: a near-tie or two per batch of 64
         run alone cost about as much as the whole batch)."""
-        out = []
         t = time.perf_counter()
-        for i in range(0, len(x_eval), 64):
-            out.append(forward_batch(engine, x_eval[i:i + 64], torch.device("cpu"))[0].numpy())  # type: ignore
-        p = np.concatenate(out)
+        p = forward(engine, x_eval)
         if fallback is not None:
-            near = np.flatnonzero(np.minimum(_margin(p), _margin(lm.apply_size_prior(p, rel_all))) < tau)
-            for j in range(0, len(near), 64):
-                idx = near[j:j + 64]
-                p[idx] = forward_batch(fallback, x_eval[torch.from_numpy(idx)],  # type: ignore[arg-type]
-                                       torch.device("cpu"))[0].numpy()
+            near = np.flatnonzero(ref.near_ties(p, tau))
+            if len(near):
+                p[near] = forward(fallback, x_eval[torch.from_numpy(near)])
         return p, len(x_eval) / (time.perf_counter() - t)
 
     _, fp32_split_speed = timed_split(fp32_engine, None)
-    torch_img, _, _ = evaluate(TorchEngine(lm.net, lm.device, "fp32"))
-    assert (torch_img.argmax(1) == ref_img.argmax(1)).all()  # the fp32 reference is PyTorch's, to the crop
-    results: dict[str, dict[str, object]] = {}
+    torch_img = forward(TorchEngine(lm.net, lm.device, "fp32"), x_eval)
+    assert (torch_img.argmax(1) == ref.img.argmax(1)).all()  # the fp32 reference is PyTorch's, to the crop
+    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         configs: dict[str, Callable[[], Plain]] = {
             "ort MinMax, all layers": lambda: ort_int8(src, Path(tmp, "a.onnx"), calib, "MinMax", []),
@@ -241,40 +252,28 @@ def main() -> None:
             t = time.perf_counter()
             engine = build()
             seconds = time.perf_counter() - t
-            img, served, speed = evaluate(engine)
-            agree = float((served.argmax(1) == ref_served.argmax(1)).mean())
-            agree_img = float((img.argmax(1) == ref_img.argmax(1)).mean())
-            drop = 100 * float((ref_served.argmax(1) == y).mean() - (served.argmax(1) == y).mean())
-            drop_img = 100 * float((ref_img.argmax(1) == y).mean() - (img.argmax(1) == y).mean())
-            results[name] = {
-                "flips_served": int((served.argmax(1) != ref_served.argmax(1)).sum()),
-                "flips_image_only": int((img.argmax(1) != ref_img.argmax(1)).sum()),
-                "agreement": round(agree, 6), "agreement_image_only": round(agree_img, 6),
-                "accuracy": round(float((served.argmax(1) == y).mean()), 6),
-                "accuracy_image_only": round(float((img.argmax(1) == y).mean()), 6),
-                "passed": rt.agreement_passes(min(agree, agree_img), max(drop, drop_img)),
-                "images_per_s_batch64": round(speed, 1), "quantize_s": round(seconds, 1)}
-            print(f"{name:42s} flips {results[name]['flips_served']:3d} served / {results[name]['flips_image_only']:3d}"
-                  f" image only of {len(y)}  agreement {100 * agree:.3f}% / {100 * agree_img:.3f}%  "
-                  f"{'PASS' if results[name]['passed'] else 'FAIL'}  {speed:.0f} images/s", flush=True)
-            results[name]["cascade"] = cascade(img, ref_img, ref_served, y, rel, speed, ref_speed)
+            img, speed = forward(engine, x_eval), batch_speed(engine)
+            r = results[name] = {**ref.score(img), "images_per_s_batch64": round(speed, 1),
+                                 "quantize_s": round(seconds, 1)}
+            print(f"{name:42s} flips {r['flips_served']:3d} served / {r['flips_image_only']:3d} image only of "
+                  f"{len(y)}  agreement {100 * r['agreement']:.3f}% / {100 * r['agreement_image_only']:.3f}%  "
+                  f"{'PASS' if r['passed'] else 'FAIL'}  {speed:.0f} images/s", flush=True)
+            r["cascade"] = cascade(img, ref, speed, ref_speed)
             run_img, run_speed = timed_split(engine, fp32_engine)
             _, fp32_again = timed_split(fp32_engine, None)
-            run_served = lm.apply_size_prior(run_img, rel)
-            results[name]["cascade_run"] = {
+            r["cascade_run"] = {
                 "tau": CASCADE_RUN_TAU, "images_per_s": round(run_speed, 1),
                 "fp32_images_per_s_before_after": [round(fp32_split_speed, 1), round(fp32_again, 1)],
-                "flips_served": int((run_served.argmax(1) != ref_served.argmax(1)).sum()),
-                "flips_image_only": int((run_img.argmax(1) != ref_img.argmax(1)).sum())}
+                **ref.score(run_img)}
             print(f"    cascade tau {CASCADE_RUN_TAU} run over the split: {run_speed:.0f} images/s (fp32 alone "
                   f"{fp32_split_speed:.0f} before, {fp32_again:.0f} after), flips "
-                  f"{results[name]['cascade_run']['flips_served']} served / "
-                  f"{results[name]['cascade_run']['flips_image_only']} image only", flush=True)
+                  f"{r['cascade_run']['flips_served']} served / {r['cascade_run']['flips_image_only']} image only",
+                  flush=True)
             fp32_split_speed = fp32_again
     out = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": cpu_name(),
            "split": args.split, "n": len(y), "calibration_train_crops": len(x_cal),
-           "reference": {"accuracy": float((ref_served.argmax(1) == y).mean()),
-                         "accuracy_image_only": float((ref_img.argmax(1) == y).mean()),
+           "reference": {"accuracy": float((ref.served.argmax(1) == y).mean()),
+                         "accuracy_image_only": float((ref.img.argmax(1) == y).mean()),
                          "fp32_images_per_s_batch64": round(ref_speed, 1)},
            "results": results}
     print(json.dumps(out["reference"]))
